@@ -1,0 +1,222 @@
+# Helpers for the rules: target parsing, path functions, per-stage settings.
+# Plain Python over `config`; no torch here (a no-op `snakemake -n` stays fast).
+
+import json
+import re
+import sys
+
+sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
+from steps.fingerprint import code_fingerprint
+
+NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
+RECIPE_SECTIONS = ("distill", "prune", "recover", "quantize", "evaluate")
+DEFAULT_RECIPE = "default"
+
+
+def _one_of(names):
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+wildcard_constraints:
+    teacher=NAME,
+    student=NAME,
+    recipe=NAME,
+    quant=NAME,
+    dataset=_one_of(config["datasets"]),
+    alias=_one_of(config["models"]),
+    stage=r"teacher|student|distilled|pruned|recovered|quant/" + NAME,
+
+
+def all_targets():
+    return config["targets"]
+
+
+def model_spec(alias):
+    if alias not in config["models"]:
+        raise ValueError(
+            f"unknown model alias {alias!r}; known: {', '.join(sorted(config['models']))} "
+            "(add it under `models:` in the config)"
+        )
+    return config["models"][alias]
+
+
+def recipe_overrides(recipe):
+    if recipe == DEFAULT_RECIPE:
+        return {}
+    if recipe not in config["recipes"]:
+        raise ValueError(
+            f"unknown recipe {recipe!r}; known: {', '.join(sorted(config['recipes'])) or 'none'} "
+            "(add it under `recipes:` in the config)"
+        )
+    return config["recipes"][recipe]
+
+
+def deep_merge(base, override):
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def section(recipe, name):
+    """A stage's settings: the config section with the recipe's overrides on top."""
+    return deep_merge(config[name], recipe_overrides(recipe).get(name, {}))
+
+
+def quant_method(recipe, quant):
+    methods = section(recipe, "quantize")["methods"]
+    if quant not in methods:
+        raise ValueError(f"unknown quant method {quant!r}; known: {', '.join(sorted(methods))} (see `quantize.methods`)")
+    return methods[quant]
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def raw_dir(dataset):
+    return f"data/{dataset}/raw"
+
+
+def data_dir(alias):
+    """Chain data: the configured dataset, tokenized with `alias`'s tokenizer."""
+    return f"data/{config['data']['dataset']}/{alias}"
+
+
+def tokenizer_dir(alias):
+    spec = model_spec(alias)
+    if "scratch" in spec:
+        tokenizer = spec.get("tokenizer", {})
+        return tokenizer_dir(tokenizer["from"]) if "from" in tokenizer else f"models/tokenizer/{alias}"
+    return base_dir(alias)
+
+
+def base_dir(alias):
+    spec = model_spec(alias)
+    if "path" in spec:
+        return spec["path"]
+    if "from" in spec:  # a derived alias: another chain's stage output (chain distillation)
+        teacher, _, student = spec["from"].partition("_")
+        return chain_dir(spec.get("recipe", DEFAULT_RECIPE), teacher, student, spec.get("stage", "recovered"))
+    return f"models/base/{alias}"
+
+
+def chain_dir(recipe, teacher, student, stage):
+    model_spec(teacher), model_spec(student), recipe_overrides(recipe)  # fail early on unknown names
+    return f"models/{recipe}/{teacher}_{student}/{stage}"
+
+
+def stage_model_dir(recipe, teacher, student, stage):
+    """The model an evaluation reads; `quant/none` is the recovered model itself, not a copy."""
+    if stage in ("teacher", "student"):
+        return base_dir(teacher if stage == "teacher" else student)
+    if stage.startswith("quant/"):
+        if quant_method(recipe, stage.removeprefix("quant/"))["scheme"] == "none":
+            stage = "recovered"
+    return chain_dir(recipe, teacher, student, stage)
+
+
+def chain_stages(quant):
+    return ["teacher", "student", "distilled", "pruned", "recovered", f"quant/{quant}"]
+
+
+# ---------------------------------------------------------------- input functions
+
+
+def base_inputs(wildcards):
+    spec = model_spec(wildcards.alias)
+    inputs = {}
+    if "scratch" in spec:
+        inputs["tokenizer"] = tokenizer_dir(wildcards.alias)
+        if spec.get("pretrain"):
+            inputs["data"] = data_dir(wildcards.alias)
+    return inputs
+
+
+def base_args(wildcards, input):
+    return " ".join(f"--{name} {path}" for name, path in input.items())
+
+
+def tokenizer_raw(wildcards):
+    spec = model_spec(wildcards.alias)["tokenizer"]
+    return raw_dir(spec.get("dataset", config["data"]["dataset"]))
+
+
+def distill_inputs(wildcards):
+    return {
+        "teacher": base_dir(wildcards.teacher),
+        "student": base_dir(wildcards.student),
+        "data": data_dir(wildcards.teacher),
+    }
+
+
+def upstream(stage):
+    """Input function: the previous stage's model directory of the same chain."""
+
+    def model(wildcards):
+        return chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, stage)
+
+    return model
+
+
+def chain_data(wildcards):
+    return data_dir(wildcards.teacher)
+
+
+def eval_model(wildcards):
+    return stage_model_dir(wildcards.recipe, wildcards.teacher, wildcards.student, wildcards.stage)
+
+
+def report_inputs(wildcards):
+    recipe = getattr(wildcards, "recipe", DEFAULT_RECIPE)
+    quant_method(recipe, wildcards.quant)
+    prefix = f"evals/{recipe}/{wildcards.teacher}_{wildcards.student}"
+    names = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
+    return {name: f"{prefix}/{stage}.json" for name, stage in zip(names, chain_stages(wildcards.quant))}
+
+
+def report_args(wildcards, input):
+    return " ".join(f"--eval {name}={path}" for name, path in input.items())
+
+
+# ---------------------------------------------------------------- params
+
+
+def settings_for(name):
+    """Param function: the recipe-merged settings of a section, as JSON for the step's --settings."""
+
+    def settings(wildcards):
+        values = section(wildcards.recipe, name)
+        if name == "quantize":
+            values = quant_method(wildcards.recipe, wildcards.quant)
+        return as_json(values)
+
+    return settings
+
+
+def model_spec_json(wildcards):
+    return as_json(model_spec(wildcards.alias))
+
+
+def tokenizer_settings(wildcards):
+    spec = model_spec(wildcards.alias)["tokenizer"]
+    return as_json({"dataset": config["data"]["dataset"], **spec})
+
+
+def dataset_spec(wildcards):
+    return as_json(config["datasets"][wildcards.dataset])
+
+
+def prepare_settings(wildcards):
+    """Global preprocessing settings plus the dataset's own format fields."""
+    data = {k: v for k, v in config["data"].items() if k != "dataset"}
+    fields = ("text_field", "template", "response_field")
+    spec = config["datasets"][wildcards.dataset]
+    return as_json({**data, **{k: spec[k] for k in fields if k in spec}})
+
+
+def alias_tokenizer(wildcards):
+    return tokenizer_dir(wildcards.alias)

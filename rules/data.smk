@@ -1,0 +1,29 @@
+# Data: fetch a source once, then tokenize / split / pack it per tokenizer.
+
+
+rule fetch_data:
+    output:
+        directory("data/{dataset}/raw"),
+    params:
+        spec=dataset_spec,
+        code=code_fingerprint("data"),
+    log:
+        "logs/fetch_data/{dataset}.log",
+    shell:
+        "python -m steps.data fetch --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+
+rule prepare_data:
+    input:
+        raw="data/{dataset}/raw",
+        tokenizer=alias_tokenizer,
+    output:
+        directory("data/{dataset}/{alias}"),
+    params:
+        settings=prepare_settings,
+        code=code_fingerprint("data"),
+    log:
+        "logs/prepare_data/{dataset}/{alias}.log",
+    shell:
+        "python -m steps.data prepare --raw {input.raw} --tokenizer {input.tokenizer}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"

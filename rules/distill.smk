@@ -1,0 +1,17 @@
+# Distill: teacher -> student logit KD (steps/distill.py).
+
+
+rule distill:
+    input:
+        unpack(distill_inputs),
+    output:
+        directory("models/{recipe}/{teacher}_{student}/distilled"),
+    params:
+        settings=settings_for("distill"),
+        checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/distill",
+        code=code_fingerprint("distill"),
+    log:
+        "logs/distill/{recipe}/{teacher}_{student}.log",
+    shell:
+        "python -m steps.distill --teacher {input.teacher} --student {input.student} --data {input.data}"
+        " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,30 @@
+# Base models: train a tokenizer for scratch models, materialise hub / scratch models.
+
+
+rule train_tokenizer:
+    input:
+        raw=tokenizer_raw,
+    output:
+        directory("models/tokenizer/{alias}"),
+    params:
+        settings=tokenizer_settings,
+        code=code_fingerprint("tokenizer"),
+    log:
+        "logs/train_tokenizer/{alias}.log",
+    shell:
+        "python -m steps.tokenizer --raw {input.raw} --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule base_model:
+    input:
+        unpack(base_inputs),
+    output:
+        directory("models/base/{alias}"),
+    params:
+        spec=model_spec_json,
+        args=base_args,
+        code=code_fingerprint("base"),
+    log:
+        "logs/base_model/{alias}.log",
+    shell:
+        "python -m steps.base --spec {params.spec:q} {params.args} --out {output} > {log} 2>&1"

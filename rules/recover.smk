@@ -1,0 +1,18 @@
+# Recover: LoRA fine-tuning with peft, merged into the weights (steps/recover.py).
+
+
+rule recover:
+    input:
+        model=upstream("pruned"),
+        data=chain_data,
+    output:
+        directory("models/{recipe}/{teacher}_{student}/recovered"),
+    params:
+        settings=settings_for("recover"),
+        checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
+        code=code_fingerprint("recover"),
+    log:
+        "logs/recover/{recipe}/{teacher}_{student}.log",
+    shell:
+        "python -m steps.recover --model {input.model} --data {input.data}"
+        " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,139 @@
+"""What every stage shares about its outputs: atomic directories, manifests, settings.
+
+A stage writes into a hidden sibling directory and renames it into place only
+when everything is written, so a killed job never leaves an output that looks
+complete (Snakemake also removes outputs of failed jobs, but not of a job
+killed with SIGKILL or a node that died).  Each model directory carries a
+`manifest.json`: stage, settings, input fingerprints, package versions, wall
+time and peak memory, so the `.eval` report can print the whole lineage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from steps.fingerprint import code_fingerprint
+
+log = logging.getLogger("steps")
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "gptqmodel", "snakemake")
+
+
+class StageError(SystemExit):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def settings_from(cls, raw: dict | str):
+    """Build a settings dataclass from a dict (or its JSON), refusing unknown keys."""
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StageError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary directory that becomes `final` only if the block succeeds."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def fingerprint(path: str | Path) -> str:
+    """A cheap content key for an input directory or file.
+
+    For a stage output we hash its manifest (which names its own inputs, so the
+    key covers the chain); otherwise file names, sizes and the small JSON files.
+    Hashing multi-GB weights on every run would cost more than the stage.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(path.read_bytes() if path.stat().st_size < 1 << 20 else str(path.stat().st_size).encode())
+        return h.hexdigest()[:16]
+    if (path / "manifest.json").exists():
+        h.update((path / "manifest.json").read_bytes())
+        return h.hexdigest()[:16]
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+        if f.suffix == ".json" and f.stat().st_size < 1 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files, the number a user compares across stages."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_manifest(out_dir: Path, stage: str, settings, inputs: dict[str, str], started: float, **extra) -> dict:
+    """Record how `out_dir` was made; call last, inside `atomic_dir`. `stage` names the steps module."""
+    manifest = {
+        "stage": stage,
+        "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings,
+        "inputs": {name: {"path": str(p), "fingerprint": fingerprint(p)} for name, p in inputs.items()},
+        "code": code_fingerprint(stage),
+        "versions": package_versions(),
+        "wall_s": round(time.time() - started, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+        **extra,
+    }
+    write_json_atomic(Path(out_dir) / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,91 @@
+"""Materialise a base model from its `models:` entry into `models/base/{alias}`.
+
+- `hub:` a Hugging Face id (with `revision`, `dtype`, `trust_remote_code`):
+  loaded with `from_pretrained` (the HF cache; offline with HF_HUB_OFFLINE=1)
+  and saved as safetensors, so every later stage reads a local directory.
+- `scratch:` a Llama architecture, randomly initialised with `seed` over a
+  tokenizer directory and, with `pretrain:`, trained with plain next-token
+  cross-entropy on the train split (the demo's teacher).
+
+`path:` entries need no materialising: the rules read them where they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
+from steps.losses import shifted_ce
+from steps.models import build_scratch, load_model, load_tokenizer, pick_device, save_model
+from steps.training import LoopSettings, train
+
+log = logging.getLogger("steps")
+
+
+def from_hub(spec: dict):
+    """Model and tokenizer for a hub id; a clear error when it is not reachable nor cached."""
+    options = {"revision": spec.get("revision"), "trust_remote_code": spec.get("trust_remote_code", False)}
+    try:
+        tokenizer = load_tokenizer(spec["hub"], **options)
+    except OSError as err:
+        raise StageError(
+            f"model {spec['hub']} is not in the local Hugging Face cache and the hub is unreachable "
+            f"({str(err).splitlines()[0]}); run `hf download {spec['hub']}` where the hub is reachable, "
+            "or use `path:` with a local directory"
+        ) from None
+    model = load_model(spec["hub"], dtype=spec.get("dtype", "float32"), **options)
+    return model, tokenizer
+
+
+def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_scratch(spec["scratch"], tokenizer, seed=spec.get("seed", 0))
+    if spec.get("pretrain"):
+        from steps.data import load_split
+
+        if not data_dir:
+            raise StageError("scratch model with pretrain: needs prepared data (--data)")
+        model.to(pick_device())
+        settings = settings_from(LoopSettings, spec["pretrain"])
+
+        def loss_fn(batch):
+            return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
+
+        train(model, load_split(data_dir, "train"), loss_fn, settings)
+        model.to("cpu")
+    return model, tokenizer
+
+
+def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | None = None) -> None:
+    started = time.time()
+    if "hub" in spec:
+        model, tokenizer = from_hub(spec)
+        inputs = {}
+    elif "scratch" in spec:
+        if not tokenizer_dir:
+            raise StageError("scratch model needs a tokenizer directory (--tokenizer)")
+        model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir)
+        inputs = {"tokenizer": tokenizer_dir, **({"data": data_dir} if data_dir else {})}
+    else:
+        raise StageError(f"model spec {spec} has nothing to materialise; give hub: or scratch:")
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp)
+        write_manifest(tmp, "base", spec, inputs, started, params=model.num_parameters())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="JSON of the model's config entry")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokenizer", help="tokenizer directory (scratch models)")
+    parser.add_argument("--data", help="prepared data directory (scratch models with pretrain:)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    run(json.loads(args.spec), args.out, args.tokenizer, args.data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Content hash of a stage's code: its module and every `steps` module it imports.
+
+Snakemake reruns a job when a rule's params change but does not look inside
+imported modules, so each rule carries this hash as a param: editing
+`steps/prune.py` (or `steps/training.py`, which it imports) reruns prune and
+everything downstream, and nothing else. Pure stdlib, so the Snakefile can
+import it without pulling in torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Names of `steps` modules that the file at `path` imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("steps.")}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 0 and module == "steps" or node.level == 1 and not module:
+                names |= {a.name for a in node.names}  # from steps import x / from . import x
+            elif node.level == 0 and module.startswith("steps."):
+                names.add(module.split(".")[1])
+            elif node.level == 1:
+                names.add(module.split(".")[0])
+    return {n for n in names if (PACKAGE_DIR / f"{n}.py").exists()}
+
+
+def module_closure(module: str) -> list[Path]:
+    """The module's file and the files of all `steps` modules it reaches."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_local_imports(PACKAGE_DIR / f"{name}.py"))
+    return [PACKAGE_DIR / f"{n}.py" for n in sorted(seen)]
+
+
+def code_fingerprint(module: str) -> str:
+    h = hashlib.sha256()
+    for path in module_closure(module):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,89 @@
+"""Loading and saving models and tokenizers: the one place that calls `from_pretrained`.
+
+Every model directory the workflow writes is a plain Hugging Face directory
+(config.json, *.safetensors, tokenizer files) that reloads with
+`AutoModelForCausalLM.from_pretrained`. Pickled weights are refused
+(`use_safetensors=True`), and `trust_remote_code` is passed only when the
+model's config entry opts in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from steps.artifacts import StageError
+
+log = logging.getLogger("steps")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # Llama tokenizers ship without one; padding positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: str | Path,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+    **kwargs,
+):
+    """A causal LM from a local directory or a hub id; safetensors only."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source),
+            dtype=DTYPES[dtype],
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except OSError as err:
+        raise StageError(f"cannot load model {source!s}: {str(err).splitlines()[0]}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def build_scratch(arch: dict, tokenizer, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama with the given architecture and the tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **arch,
+    )
+    model = LlamaForCausalLM(config)
+    log.info("built scratch Llama: %s parameters", f"{model.num_parameters():,}")
+    return model
+
+
+def check_same_vocabulary(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
+    """Logit distillation compares distributions token by token: both must index the same vocabulary."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise StageError(
+            f"teacher {teacher_name} and student {student_name} have different vocabularies "
+            f"({len(teacher_tok)} vs {len(student_tok)} tokens); logit distillation needs a shared tokenizer: "
+            "pick a student of the same family or give the scratch student `tokenizer: {from: <teacher>}`"
+        )

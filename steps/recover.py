@@ -1,0 +1,90 @@
+"""Recover: LoRA fine-tuning with peft after pruning, merged back into plain weights.
+
+    python -m steps.recover --model DIR --data DIR --out DIR [--checkpoints DIR] --settings JSON
+
+Adapters of rank `rank` on `target_modules` are trained with next-token loss
+on the train split, then `merge_and_unload` folds them into the base weights:
+the output is a dense model of the pruned shape, as fast as before recovery.
+Trade-off: merging gives up swapping adapters at serving time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from steps.artifacts import StageError, atomic_dir, fingerprint, settings_from, setup_logging, write_manifest
+from steps.data import load_split
+from steps.losses import shifted_ce
+from steps.models import load_model, load_tokenizer, pick_device, save_model
+from steps.training import LoopSettings, drop_checkpoint, train
+
+
+@dataclass
+class RecoverSettings:
+    method: str = "lora"  # lora (adapters merged into the weights)
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train: dict = field(default_factory=dict)  # LoopSettings
+
+
+def add_lora(model, settings: RecoverSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise StageError(f"LoRA target_modules {settings.target_modules} do not fit this model: {err}") from None
+
+
+def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, checkpoints=None) -> None:
+    if settings.method != "lora":
+        raise StageError(f"unknown recover method {settings.method!r}; supported: lora")
+    loop = settings_from(LoopSettings, settings.train)
+    started = time.time()
+    tokenizer = load_tokenizer(model_dir)
+    peft_model = add_lora(load_model(model_dir, device=pick_device()), settings)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+
+    def loss_fn(batch):
+        return shifted_ce(peft_model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
+
+    key = hashlib.sha256(json.dumps([asdict(settings), fingerprint(model_dir), fingerprint(data_dir)]).encode()).hexdigest()[:16]
+    history = train(peft_model, load_split(data_dir, "train"), loss_fn, loop, checkpoints, key)
+    merged = peft_model.merge_and_unload().to("cpu")
+
+    with atomic_dir(out) as tmp:
+        save_model(merged, tokenizer, tmp)
+        write_manifest(
+            tmp, "recover", settings, {"model": model_dir, "data": data_dir}, started,
+            params=merged.num_parameters(), lora_trainable_params=trainable, history=history,
+        )
+    drop_checkpoint(checkpoints)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
+    parser.add_argument("--settings", default="{}", help="JSON of RecoverSettings")
+    args = parser.parse_args(argv)
+    setup_logging()
+    run(args.model, args.data, args.out, settings_from(RecoverSettings, args.settings), args.checkpoints)
+
+
+if __name__ == "__main__":
+    main()
