@@ -220,3 +220,9 @@ def prepare_settings(wildcards):
 
 def alias_tokenizer(wildcards):
     return tokenizer_dir(wildcards.alias)
+
+
+def rule_resources(rule):
+    """Resources of a rule from the config's `resources:` (its `default` entry, then the rule's own)."""
+    table = config["resources"]
+    return {**table.get("default", {}), **table.get(rule, {})}

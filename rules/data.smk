@@ -7,6 +7,8 @@ rule fetch_data:
     params:
         spec=dataset_spec,
         code=code_fingerprint("data"),
+    resources:
+        **rule_resources("fetch_data"),
     log:
         "logs/fetch_data/{dataset}.log",
     shell:
@@ -22,6 +24,8 @@ rule prepare_data:
     params:
         settings=prepare_settings,
         code=code_fingerprint("data"),
+    resources:
+        **rule_resources("prepare_data"),
     log:
         "logs/prepare_data/{dataset}/{alias}.log",
     shell:

@@ -10,6 +10,8 @@ rule distill:
         settings=settings_for("distill"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/distill",
         code=code_fingerprint("distill"),
+    resources:
+        **rule_resources("distill"),
     log:
         "logs/distill/{recipe}/{teacher}_{student}.log",
     shell:

@@ -10,6 +10,8 @@ rule evaluate:
     params:
         settings=settings_for("evaluate"),
         code=code_fingerprint("evaluate"),
+    resources:
+        **rule_resources("evaluate"),
     log:
         "logs/evaluate/{recipe}/{teacher}_{student}/{stage}.log",
     shell:
@@ -25,6 +27,8 @@ rule report:
     params:
         args=report_args,
         code=code_fingerprint("report"),
+    resources:
+        **rule_resources("report"),
     log:
         "logs/report/{teacher}_{student}_{quant}.log",
     shell:

@@ -9,6 +9,8 @@ rule train_tokenizer:
     params:
         settings=tokenizer_settings,
         code=code_fingerprint("tokenizer"),
+    resources:
+        **rule_resources("train_tokenizer"),
     log:
         "logs/train_tokenizer/{alias}.log",
     shell:
@@ -24,6 +26,8 @@ rule base_model:
         spec=model_spec_json,
         args=base_args,
         code=code_fingerprint("base"),
+    resources:
+        **rule_resources("base_model"),
     log:
         "logs/base_model/{alias}.log",
     shell:

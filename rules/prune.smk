@@ -10,6 +10,8 @@ rule prune:
     params:
         settings=settings_for("prune"),
         code=code_fingerprint("prune"),
+    resources:
+        **rule_resources("prune"),
     log:
         "logs/prune/{recipe}/{teacher}_{student}.log",
     shell:

@@ -9,6 +9,8 @@ rule quantize:
     params:
         settings=settings_for("quantize"),
         code=code_fingerprint("quantize"),
+    resources:
+        **rule_resources("quantize"),
     log:
         "logs/quantize/{recipe}/{teacher}_{student}_{quant}.log",
     shell:

@@ -11,6 +11,8 @@ rule recover:
         settings=settings_for("recover"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
         code=code_fingerprint("recover"),
+    resources:
+        **rule_resources("recover"),
     log:
         "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:

@@ -38,24 +38,35 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 # ---------------------------------------------------------------- fetch
 
 
-def builtin_pydoc_topics(chunk_chars: int = 1500) -> list[str]:
-    """Python's own reference documentation (`pydoc_data.topics`), cut into paragraph groups."""
+def paragraph_chunks(text: str, chunk_chars: int = 1500) -> list[str]:
+    """Cut a text at blank lines into pieces of at least `chunk_chars` characters (the last may be shorter)."""
+    chunks, chunk = [], ""
+    for paragraph in text.split("\n\n"):
+        chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+        if len(chunk) >= chunk_chars:
+            chunks.append(chunk)
+            chunk = ""
+    if chunk.strip():
+        chunks.append(chunk)
+    return chunks
+
+
+def builtin_pydoc_topics() -> list[str]:
+    """Python's reference documentation (`pydoc_data.topics`, ~465k characters of prose)."""
     from pydoc_data.topics import topics
 
-    documents = []
-    for name in sorted(topics):
-        chunk = ""
-        for paragraph in topics[name].split("\n\n"):
-            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
-            if len(chunk) >= chunk_chars:
-                documents.append(chunk)
-                chunk = ""
-        if chunk.strip():
-            documents.append(chunk)
-    return documents
+    return [chunk for name in sorted(topics) for chunk in paragraph_chunks(topics[name])]
 
 
-BUILTIN = {"pydoc_topics": builtin_pydoc_topics}
+def builtin_python_stdlib() -> list[str]:
+    """The source of the standard library's top-level modules (~4.7M characters of code and docstrings)."""
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return [chunk for f in files for chunk in paragraph_chunks(f.read_text(encoding="utf-8", errors="replace"))]
+
+
+BUILTIN = {"pydoc_topics": builtin_pydoc_topics, "python_stdlib": builtin_python_stdlib}
 
 
 def load_local(path: str):

@@ -1,0 +1,62 @@
+"""Shared tiny artifacts: a BPE tokenizer, a 2-layer Llama and prepared data, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+TINY_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    from steps.data import fetch
+
+    out = tmp_path_factory.mktemp("data") / "raw"
+    fetch({"builtin": "pydoc_topics"}, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, raw_dir) -> Path:
+    from steps.tokenizer import TokenizerSettings, run
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    run(str(raw_dir), str(out), TokenizerSettings(vocab_size=400))
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, raw_dir, tokenizer_dir) -> Path:
+    from steps.data import PrepareSettings, prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(str(raw_dir), str(tokenizer_dir), str(out), PrepareSettings(block_size=32, max_records=60))
+    return out
+
+
+def make_model_dir(path: Path, tokenizer_dir: Path, seed: int = 0, **arch) -> Path:
+    from steps.models import build_scratch, load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    save_model(build_scratch({**TINY_ARCH, **arch}, tokenizer, seed=seed), tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model") / "tiny", tokenizer_dir)

@@ -1,0 +1,71 @@
+"""Every shipped config validates against the schema; mistakes fail with the schema's message."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "config" / "schema.yaml")
+
+
+def load(path):
+    return yaml.safe_load(Path(path).read_text())
+
+
+def merged(*paths):
+    """What Snakemake sees with `--configfile`: later files merged over config/config.yaml."""
+    from snakemake.utils import update_config
+
+    config = load(REPO / "config" / "config.yaml")
+    for path in paths:
+        update_config(config, load(path))
+    return config
+
+
+@pytest.mark.parametrize("extra", [[], *[[p] for p in sorted((REPO / "tests" / "config").glob("*.yaml"))],
+                                   *[[p] for p in sorted((REPO / "config").glob("*.yaml")) if p.name not in ("config.yaml", "schema.yaml")]],
+                         ids=lambda e: e[0].name if e else "config.yaml")
+def test_shipped_configs_validate(extra):
+    config = merged(*extra)
+    validate(config, SCHEMA)
+    assert config["resources"] is not None  # defaults filled in
+
+
+def test_defaults_are_filled_in():
+    config = {k: v for k, v in load(REPO / "config" / "config.yaml").items() if k in ("datasets", "data", "models")}
+    validate(config, SCHEMA)
+    assert config["recipes"] == {} and config["targets"] == [] and "int8" in config["quantize"]["methods"]
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("distill", "temprature"), 2.0, "Additional properties are not allowed"),
+        (("distill", "loss"), "kl", "is not one of"),
+        (("prune", "ratio"), "half", "is not of type"),
+        (("models", "bad_alias"), {"path": "x"}, "does not match"),
+    ],
+)
+def test_mistakes_fail_with_the_schema_message(path, value, message):
+    config = copy.deepcopy(load(REPO / "config" / "config.yaml"))
+    config[path[0]][path[1]] = value
+    with pytest.raises(WorkflowError, match=message):
+        validate(config, SCHEMA)
+
+
+def test_a_typo_stops_snakemake_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recover: {rnak: 4}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(REPO / "config" / "config.yaml"), str(bad)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "rnak" in result.stderr + result.stdout

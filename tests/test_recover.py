@@ -1,0 +1,28 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from steps.artifacts import read_manifest
+from steps.recover import RecoverSettings, run
+
+TRAIN = {"steps": 10, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 5}
+
+
+def test_lora_is_trained_and_merged_into_plain_weights(model_dir, data_dir, tmp_path):
+    out = tmp_path / "recovered"
+    run(str(model_dir), str(data_dir), str(out), RecoverSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], train=TRAIN))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name in merged.state_dict())  # merged, no adapter modules left
+    assert merged.num_parameters() == base.num_parameters()
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+    manifest = read_manifest(out)
+    assert manifest["lora_trainable_params"] > 0 and manifest["history"][-1]["step"] == 10
+
+
+def test_bad_target_modules_fail_clearly(model_dir, data_dir, tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="target_modules"):
+        run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(target_modules=["nope"], train=TRAIN))
+    assert not (tmp_path / "r").exists()
