@@ -5,26 +5,43 @@ Two commands, two rules, so changing tokenization never fetches again:
     python -m steps.data fetch   --spec JSON --out data/{dataset}/raw
     python -m steps.data prepare --raw data/{dataset}/raw --tokenizer DIR --settings JSON --out data/{dataset}/{tokenizer}
 
-Sources (`datasets:` entries in the config): `builtin:` (a corpus shipped with
-Python, for the demo), `path:` (jsonl/json/csv/parquet/txt files or folders of
-them, or a `save_to_disk` directory) and `hub:` (a Hugging Face dataset id with
-`name`, `split`, `revision`). The raw copy is a `save_to_disk` directory.
+Sources (`datasets:` entries in the config), each copied to a `save_to_disk`
+directory by `fetch`:
+
+- `builtin:` a corpus shipped with Python (the demo);
+- `path:` a jsonl/json/csv/parquet/txt file, a folder of them (one format), or
+  a `save_to_disk` directory (a DatasetDict gives its `split`, default train);
+- `hub:` a Hugging Face dataset id with `name`, `split`, `revision`, through
+  `datasets.load_dataset`; offline (HF_HUB_OFFLINE=1) it falls back to a
+  snapshot in the HF cache, as left by `hf download --repo-type dataset ID`;
+- `url:` an HTTP(S) file with its `sha256:` (required), streamed to a
+  temporary file, verified, then parsed by its suffix (or `format:`).
 
 `prepare` turns each record into text (a `text_field`, or a prompt template
 over fields for instruction data, whose prompt tokens get label -100 so only
 the response is learned), splits records into train/val/test by a seeded
 permutation (the test split is never trained on), concatenates each split with
-an end-of-text token between records and cuts it into blocks of `block_size`
+an end-of-text token after each record (and the tokenizer's begin token before
+it, when that is a different token) and cuts it into blocks of `block_size`
 tokens. Output: `train/`, `val/`, `test/` (`save_to_disk`, columns `input_ids`
 and `labels`) and `stats.json`.
+
+Every failure is one line naming the file or field at fault and the fix, and
+leaves no output behind (outputs are written through `atomic_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import shutil
+import string
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +50,9 @@ from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging
 log = logging.getLogger("steps")
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+FORMAT_SUFFIX = {"json": ".jsonl", "csv": ".csv", "parquet": ".parquet", "text": ".txt"}
+# Keys of a `datasets:` entry that say how records become text; they belong to `prepare`, not to `fetch`.
+FORMAT_FIELDS = ("text_field", "template", "response_field")
 
 
 # ---------------------------------------------------------------- fetch
@@ -69,57 +89,143 @@ def builtin_python_stdlib() -> list[str]:
 BUILTIN = {"pydoc_topics": builtin_pydoc_topics, "python_stdlib": builtin_python_stdlib}
 
 
-def load_local(path: str):
+def describe(spec: dict) -> str:
+    """The source of a dataset spec, as a user would recognise it in an error."""
+    for key in ("builtin", "path", "hub", "url"):
+        if key in spec:
+            return f"{key} {spec[key]}"
+    return json.dumps(spec, sort_keys=True)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error: `datasets` wraps the useful one (a parse error) twice."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_files(files: list[Path], label: str, cache_dir: str | None):
+    """A `datasets.Dataset` from data files of one format (taken from the suffix)."""
+    import datasets
+
+    formats = {FILE_FORMATS.get(f.suffix) for f in files}
+    if not files or None in formats:
+        raise StageError(f"no readable data files in {label}; expected files ending in {', '.join(FILE_FORMATS)}")
+    if len(formats) > 1:
+        raise StageError(f"{label} mixes file formats {sorted(formats)}; put one format per dataset")
+    files = [f for f in files if f.stat().st_size > 0]  # `datasets` fails obscurely on empty files
+    if not files:
+        raise StageError(f"dataset {label} is empty (0 bytes); check the file or point the config at the right one")
+    fmt = formats.pop()
+    try:
+        return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 -- any parse failure becomes one line naming the file
+        cause = _root_cause(err)
+        if "corresponds to no data" in cause:
+            raise StageError(f"dataset {label} has no records; check the file or point the config at the right one") from None
+        raise StageError(f"cannot read {label} as {fmt}: {cause}; fix the file or give it the right suffix") from None
+
+
+def load_local(path: str, split: str = "train", cache_dir: str | None = None):
     """A `datasets.Dataset` from local files or a `save_to_disk` directory."""
     import datasets
 
     source = Path(path)
     if not source.exists():
-        raise StageError(f"dataset path {path} does not exist; fix `path:` in the config")
+        raise StageError(f"dataset path {path} does not exist; fix `path:` in the config or create the file")
     if (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(source))
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix in FILE_FORMATS)
-    formats = {FILE_FORMATS.get(f.suffix) for f in files}
-    if not files or None in formats:
-        raise StageError(f"no readable data files in {path}; expected {', '.join(FILE_FORMATS)}")
-    if len(formats) > 1:
-        raise StageError(f"{path} mixes file formats {sorted(formats)}; put one format per dataset")
-    return datasets.load_dataset(formats.pop(), data_files=[str(f) for f in files], split="train")
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise StageError(f"{path} has no split {split!r} (it has {sorted(loaded)}); set `split:` in the config")
+            return loaded[split]
+        return loaded
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in FILE_FORMATS)
+    return load_files(files, path, cache_dir)
 
 
 def load_hub(spec: dict):
+    """`datasets.load_dataset` on a hub id; offline, the snapshot that `hf download` left in the HF cache."""
     import datasets
 
+    options = {"split": spec.get("split", "train"), "revision": spec.get("revision")}
     try:
-        return datasets.load_dataset(
-            spec["hub"], spec.get("name"), split=spec.get("split", "train"), revision=spec.get("revision")
+        return datasets.load_dataset(spec["hub"], spec.get("name"), **options)
+    except (FileNotFoundError, ConnectionError) as err:
+        first_error = _root_cause(err)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(
+            spec["hub"], repo_type="dataset", revision=spec.get("revision"), local_files_only=True
         )
-    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        return datasets.load_dataset(snapshot, spec.get("name"), split=options["split"])
+    except Exception:  # noqa: BLE001 -- no usable local snapshot either: report the hub error
+        pass
+    revision = f" --revision {spec['revision']}" if spec.get("revision") else ""
+    raise StageError(
+        f"cannot load hub dataset {spec['hub']} ({first_error}); run `hf download --repo-type dataset "
+        f"{spec['hub']}{revision}` where the hub is reachable (same HF_HOME), or point `path:` at a local copy"
+    )
+
+
+def download(url: str, sha256: str, dest: Path) -> None:
+    """Stream `url` to `dest`, hashing on the way; a wrong checksum is an error, never a warning."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
         raise StageError(
-            f"cannot load hub dataset {spec['hub']}: {str(err).splitlines()[0]}; "
-            "download it where the hub is reachable (it lands in the HF cache) or point `path:` at a local copy"
+            f"cannot download {url}: {reason}; check the URL and the network, "
+            "or download the file by hand and use `path:`"
         ) from None
+    if digest.hexdigest() != sha256.lower():
+        raise StageError(
+            f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {digest.hexdigest()}; "
+            "check the URL, or put the new hash in `sha256:` if the file changed on purpose"
+        )
+
+
+def load_url(spec: dict, scratch: Path):
+    url = spec["url"]
+    if not spec.get("sha256"):
+        raise StageError(f"dataset url {url} has no `sha256:`; add the file's sha256 (`sha256sum FILE`) to its entry")
+    suffix = FORMAT_SUFFIX[spec["format"]] if "format" in spec else Path(urllib.parse.urlparse(url).path).suffix
+    if suffix not in FILE_FORMATS:
+        raise StageError(f"cannot tell the format of {url} from its name; add `format:` (one of {', '.join(FORMAT_SUFFIX)})")
+    scratch.mkdir(parents=True)
+    dest = scratch / f"download{suffix}"
+    download(url, spec["sha256"], dest)
+    return load_files([dest], url, str(scratch / "cache"))
 
 
 def fetch(spec: dict, out: str) -> None:
     import datasets
 
     started = time.time()
-    if "builtin" in spec:
-        data = datasets.Dataset.from_dict({"text": BUILTIN[spec["builtin"]]()})
-    elif "path" in spec:
-        data = load_local(spec["path"])
-    elif "hub" in spec:
-        data = load_hub(spec)
-    else:
-        raise StageError(f"dataset spec {spec} names no source; give one of builtin:, path:, hub:")
-    if len(data) == 0:
-        raise StageError(f"dataset {spec} is empty; check the source and its split")
+    source = {k: v for k, v in spec.items() if k not in FORMAT_FIELDS}
     with atomic_dir(out) as tmp:
+        scratch = tmp / ".scratch"  # downloads and parse caches; the saved copy replaces them
+        if "builtin" in spec:
+            data = datasets.Dataset.from_dict({"text": BUILTIN[spec["builtin"]]()})
+        elif "path" in spec:
+            data = load_local(spec["path"], spec.get("split", "train"), str(scratch / "cache"))
+        elif "hub" in spec:
+            data = load_hub(spec)
+        elif "url" in spec:
+            data = load_url(spec, scratch)
+        else:
+            raise StageError(f"dataset spec {spec} names no source; give one of builtin:, path:, hub:, url:")
+        if len(data) == 0:
+            raise StageError(f"dataset {describe(spec)} is empty; check the source and its split")
         data.save_to_disk(str(tmp))
-        write_manifest(tmp, "data", spec, {}, started, records=len(data))
-    log.info("fetched %d records to %s", len(data), out)
+        shutil.rmtree(scratch, ignore_errors=True)
+        write_manifest(tmp, "data", source, {}, started, records=len(data), columns=data.column_names)
+    log.info("fetched %d records (%s) to %s", len(data), ", ".join(data.column_names), out)
 
 
 # ---------------------------------------------------------------- prepare
@@ -137,31 +243,84 @@ class PrepareSettings:
     response_field: str = ""  # instruction data: the field learned after the prompt
 
 
+def template_fields(template: str) -> list[str]:
+    """Record fields a template names (`{context}`, `{meta[id]}` -> meta)."""
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return [name.split(".")[0].split("[")[0] for name in names]
+
+
+def render_template(template: str, record: dict) -> str:
+    """Fill the template; a paragraph (text between blank lines) whose fields are all empty is left out.
+
+    So one template serves records with and without an optional field, the
+    way Alpaca / Dolly prompts drop their "### Input:" section when there is
+    no input.
+    """
+    values = {k: "" if v is None else v for k, v in record.items()}
+    paragraphs = []
+    for paragraph in template.split("\n\n"):
+        fields = template_fields(paragraph)
+        if fields and all(not str(values[f]).strip() for f in fields):
+            continue
+        paragraphs.append(paragraph.format(**values))
+    return "\n\n".join(paragraphs)
+
+
+def check_fields(columns: list[str], settings: PrepareSettings, source: str) -> None:
+    """Fail before tokenizing anything when the settings name fields the data does not have."""
+    if settings.template:
+        if not settings.response_field:
+            raise StageError("a `template:` needs a `response_field:` (the field learned after the prompt); add it to the dataset entry")
+        needed = {"template": template_fields(settings.template), "response_field": [settings.response_field]}
+    else:
+        needed = {"text_field": [settings.text_field]}
+    for key, fields in needed.items():
+        missing = sorted(set(fields) - set(columns))
+        if missing:
+            raise StageError(
+                f"field(s) {missing} named by `{key}:` missing from {source} (its fields: {', '.join(sorted(columns))}); "
+                f"fix `{key}:` in the dataset's entry under `datasets:`"
+            )
+
+
 def record_to_pieces(record: dict, settings: PrepareSettings) -> tuple[str, str]:
     """(prompt, target) text of one record; the prompt is not learned."""
     if settings.template:
         try:
-            prompt = settings.template.format(**record)
+            prompt = render_template(settings.template, record)
         except KeyError as err:
             raise StageError(f"template field {err} missing from the data; fields are {sorted(record)}") from None
         if settings.response_field not in record:
             raise StageError(f"response_field {settings.response_field!r} missing; fields are {sorted(record)}")
-        return prompt, str(record[settings.response_field])
+        response = record[settings.response_field]
+        return prompt, "" if response is None else str(response)
     if settings.text_field not in record:
         raise StageError(f"text_field {settings.text_field!r} missing from the data; fields are {sorted(record)}")
-    return "", str(record[settings.text_field])
+    text = record[settings.text_field]
+    return "", "" if text is None else str(text)
 
 
-def tokenize_records(records, tokenizer, settings: PrepareSettings) -> tuple[list[int], list[int]]:
-    """One token stream for a split: records joined by end-of-text, prompt labels masked with -100."""
-    ids, labels = [], []
+def tokenize_records(records, tokenizer, settings: PrepareSettings) -> tuple[list[int], list[int], int]:
+    """One token stream for a split, and how many records were empty (and skipped).
+
+    Each record is [bos] prompt target eos: the begin token only when the
+    tokenizer has one distinct from eos (Llama's <s>; the demo's BPE uses one
+    token for both), never learned; prompt tokens get label -100; the eos after
+    the target is learned, so the model learns where a document ends.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, tokenizer.eos_token_id) else None
+    ids, labels, empty = [], [], 0
     for record in records:
         prompt, target = record_to_pieces(record, settings)
+        if not target.strip():  # nothing to learn: a blank document or an instruction without a response
+            empty += 1
+            continue
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids += prompt_ids + target_ids
-        labels += [-100] * len(prompt_ids) + target_ids
-    return ids, labels
+        head = [bos] if bos is not None else []
+        ids += head + prompt_ids + target_ids
+        labels += [-100] * (len(head) + len(prompt_ids)) + target_ids
+    return ids, labels, empty
 
 
 def pack(ids: list[int], labels: list[int], block_size: int) -> dict[str, list[list[int]]]:
@@ -174,6 +333,7 @@ def pack(ids: list[int], labels: list[int], block_size: int) -> dict[str, list[l
 
 
 def split_indices(n: int, settings: PrepareSettings) -> dict[str, list[int]]:
+    """Record indices per split: a permutation seeded by `seed`, so the same seed gives the same splits."""
     import random
 
     order = list(range(n))
@@ -187,18 +347,22 @@ def split_indices(n: int, settings: PrepareSettings) -> dict[str, list[int]]:
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
 
-def prepare(raw: str, tokenizer_dir: str, out: str, settings: PrepareSettings) -> None:
+def prepare(raw: str, tokenizer_dir: str, out: str, settings: PrepareSettings) -> dict:
+    """Tokenize, split and pack; returns the stats also written to stats.json."""
     import datasets
 
-    from steps.models import load_tokenizer
-
     started = time.time()
+    if not Path(raw).exists():
+        raise StageError(f"raw dataset {raw} does not exist; run `python -m steps.data fetch` (the fetch_data rule) first")
     data = datasets.load_from_disk(raw)
+    check_fields(data.column_names, settings, raw)
+    from steps.models import load_tokenizer  # imports torch: after the cheap checks
+
     tokenizer = load_tokenizer(tokenizer_dir)
     stats = {"records": len(data), "block_size": settings.block_size, "splits": {}}
     with atomic_dir(out) as tmp:
         for split, indices in split_indices(len(data), settings).items():
-            ids, labels = tokenize_records(data.select(indices), tokenizer, settings)
+            ids, labels, empty = tokenize_records(data.select(indices), tokenizer, settings)
             blocks = pack(ids, labels, settings.block_size)
             if not blocks["input_ids"]:
                 raise StageError(
@@ -207,15 +371,22 @@ def prepare(raw: str, tokenizer_dir: str, out: str, settings: PrepareSettings) -
                 )
             datasets.Dataset.from_dict(blocks).save_to_disk(str(tmp / split))
             kept = len(blocks["input_ids"]) * settings.block_size
+            learned = sum(label != -100 for label in labels[:kept])
             stats["splits"][split] = {
                 "records": len(indices),
+                "empty_records": empty,  # skipped: no text / no response
                 "tokens": len(ids),
                 "blocks": len(blocks["input_ids"]),
-                "dropped_share": round(1 - kept / len(ids), 4),
+                "dropped_share": round(1 - kept / len(ids), 4),  # the tail shorter than a block
+                "masked_share": round(1 - learned / kept, 4),  # prompt (and bos) tokens, label -100
             }
             log.info("%s: %d records, %d tokens, %d blocks", split, len(indices), len(ids), len(blocks["input_ids"]))
+        totals = {key: sum(s[key] for s in stats["splits"].values()) for key in ("records", "empty_records", "tokens", "blocks")}
+        kept = totals["blocks"] * settings.block_size
+        stats["total"] = {**totals, "dropped_share": round(1 - kept / totals["tokens"], 4)}
         write_json_atomic(tmp / "stats.json", stats)
         write_manifest(tmp, "data", settings, {"raw": raw, "tokenizer": tokenizer_dir}, started, stats=stats)
+    return stats
 
 
 def load_split(data_dir: str | Path, split: str):
