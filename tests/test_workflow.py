@@ -1,0 +1,118 @@
+"""The real chain, end to end, through Snakemake on the tiny config, and the caching rules it must keep.
+
+One copy of the workflow is built once in a temp dir (about a minute on 2 cores); the tests
+after it only dry-run (`-n`) against that build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = "results/teacher_student_int8.eval"
+CHAIN = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
+
+
+def snakemake(workdir: Path, *args: str, extra_config: str = "", check: bool = True) -> subprocess.CompletedProcess:
+    configs = ["tests/config/tiny.yaml", *([extra_config] if extra_config else [])]
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configs]  # nargs="+": last
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # rules call `python`
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run; empty when nothing is to be done."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A copy of the workflow (so tests may edit its code) with the tiny chain built in it."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    for item in ("Snakefile", "rules", "steps", "config", "tests/config"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
+    snakemake(workdir, TARGET)
+    return workdir
+
+
+def test_eval_report_has_metrics_chain_and_lineage(built):
+    report = json.loads((built / TARGET).read_text())
+    assert set(report["metrics"]) >= {"perplexity", "params", "size_bytes", "tokens_per_s", "peak_rss_bytes"}
+    assert [row["stage"] for row in report["chain"]] == CHAIN
+    ppl = {row["stage"]: row["perplexity"] for row in report["chain"]}
+    assert ppl["teacher"] < ppl["student"] / 2, "pre-training did not make the teacher clearly better than random"
+    assert ppl["distilled"] < ppl["student"] / 2, "distillation did not help the untrained student"
+    assert ppl["recovered"] < ppl["pruned"], "LoRA recovery did not improve the pruned model"
+    params = {row["stage"]: row["params"] for row in report["chain"]}
+    assert params["pruned"] < params["distilled"] == params["student"]
+    size = {row["stage"]: row["size_bytes"] for row in report["chain"]}
+    assert size["quantized"] < size["recovered"]
+    for stage in ("distilled", "pruned", "recovered", "quantized"):
+        lineage = report["lineage"][stage]
+        assert lineage["settings"] and len(lineage["code"]) == 16 and lineage["versions"]["torch"]
+        assert lineage["wall_s"] >= 0
+    assert report["lineage"]["recovered"]["settings"]["rank"] == 4
+
+
+def test_every_model_directory_reloads_with_plain_transformers(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dirs = sorted(p for p in (built / "models").glob("**/config.json"))
+    assert len(dirs) == 6  # teacher, student, distilled, pruned, recovered, int8
+    for config in dirs:
+        model = AutoModelForCausalLM.from_pretrained(config.parent, device_map="cpu")
+        tokenizer = AutoTokenizer.from_pretrained(config.parent)
+        assert model.config.vocab_size == len(tokenizer) and tokenizer.eos_token
+        assert not list(config.parent.glob("*.bin")) and list(config.parent.glob("*.safetensors"))
+    assert not list((built / "models").glob("**/.*partial"))
+
+
+def test_second_run_has_nothing_to_do(built):
+    assert planned_jobs(snakemake(built, "-n", TARGET)) == {}
+
+
+def test_lora_rank_change_reruns_only_recover_and_downstream(built, tmp_path):
+    override = tmp_path / "rank8.yaml"
+    override.write_text("recover: {rank: 8}\n")
+    jobs = planned_jobs(snakemake(built, "-n", TARGET, extra_config=str(override)))
+    assert jobs == {"recover": 1, "quantize": 1, "evaluate": 2, "report": 1}
+
+
+def test_editing_a_step_reruns_that_stage_and_downstream(built):
+    prune = built / "steps" / "prune.py"
+    original = prune.read_text()
+    try:
+        prune.write_text(original + "\n# an edit\n")
+        jobs = planned_jobs(snakemake(built, "-n", TARGET))
+        assert jobs == {"prune": 1, "recover": 1, "quantize": 1, "evaluate": 3, "report": 1}
+    finally:
+        prune.write_text(original)
+
+
+def test_recipe_shares_nothing_it_should_not(built):
+    jobs = planned_jobs(snakemake(built, "-n", "results/lora16/teacher_student_int8.eval"))
+    # a recipe gets its own chain directory; base models and data are shared
+    assert "base_model" not in jobs and "prepare_data" not in jobs
+    assert jobs["distill"] == 1 and jobs["recover"] == 1 and jobs["report_recipe"] == 1
+
+
+def test_unknown_alias_fails_before_any_job_naming_the_known_ones(built):
+    result = snakemake(built, "-n", "results/llama_student_int8.eval", check=False)
+    assert result.returncode != 0
+    assert "unknown model alias 'llama'; known: student, teacher" in result.stdout + result.stderr
