@@ -6,6 +6,7 @@ import re
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
+from steps.data import FORMAT_FIELDS  # stdlib-only at import time, like steps.fingerprint
 from steps.fingerprint import code_fingerprint
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
@@ -82,7 +83,13 @@ def raw_dir(dataset):
 
 
 def data_dir(alias):
-    """Chain data: the configured dataset, tokenized with `alias`'s tokenizer."""
+    """Chain data: the configured dataset, tokenized with `alias`'s tokenizer.
+
+    A derived alias keeps the tokenizer of its chain's student, so it reads that student's data
+    instead of tokenizing the same text again after the whole upstream chain.
+    """
+    if "from" in model_spec(alias):
+        return data_dir(model_spec(alias)["from"].partition("_")[2])
     return f"data/{config['data']['dataset']}/{alias}"
 
 
@@ -207,15 +214,16 @@ def tokenizer_settings(wildcards):
 
 
 def dataset_spec(wildcards):
-    return as_json(config["datasets"][wildcards.dataset])
+    """The source only: editing a dataset's format fields re-prepares, never re-fetches."""
+    spec = config["datasets"][wildcards.dataset]
+    return as_json({k: v for k, v in spec.items() if k not in FORMAT_FIELDS})
 
 
 def prepare_settings(wildcards):
     """Global preprocessing settings plus the dataset's own format fields."""
     data = {k: v for k, v in config["data"].items() if k != "dataset"}
-    fields = ("text_field", "template", "response_field")
     spec = config["datasets"][wildcards.dataset]
-    return as_json({**data, **{k: spec[k] for k in fields if k in spec}})
+    return as_json({**data, **{k: spec[k] for k in FORMAT_FIELDS if k in spec}})
 
 
 def alias_tokenizer(wildcards):
