@@ -10,10 +10,11 @@ rule distill:
         settings=settings_for("distill"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/distill",
         code=code_fingerprint("distill"),
+        launch=launcher("distill"),
     resources:
         **rule_resources("distill"),
     log:
         "logs/distill/{recipe}/{teacher}_{student}.log",
     shell:
-        "python -m steps.distill --teacher {input.teacher} --student {input.student} --data {input.data}"
+        "{params.launch} steps.distill --teacher {input.teacher} --student {input.student} --data {input.data}"
         " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -11,10 +11,11 @@ rule recover:
         settings=settings_for("recover"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
         code=code_fingerprint("recover"),
+        launch=launcher("recover"),
     resources:
         **rule_resources("recover"),
     log:
         "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:
-        "python -m steps.recover --model {input.model} --data {input.data}"
+        "{params.launch} steps.recover --model {input.model} --data {input.data}"
         " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"

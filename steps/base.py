@@ -26,17 +26,25 @@ log = logging.getLogger("steps")
 
 
 def from_hub(spec: dict):
-    """Model and tokenizer for a hub id; a clear error when it is not reachable nor cached."""
-    options = {"revision": spec.get("revision"), "trust_remote_code": spec.get("trust_remote_code", False)}
+    """Model and tokenizer for a hub id, from the HF cache when it has them (offline: HF_HUB_OFFLINE=1).
+
+    Each failure is one line naming the model (and revision) and how to get it.
+    """
+    hub_id, revision = spec["hub"], spec.get("revision")
+    options = {"revision": revision, "trust_remote_code": spec.get("trust_remote_code", False)}
+    name = f"{hub_id} (revision {revision})" if revision else hub_id
+    get_it = (
+        f"run `hf download {hub_id}{f' --revision {revision}' if revision else ''}` where the hub is reachable "
+        "(with the same HF_HOME), or give the alias a `path:` to a local copy"
+    )
     try:
-        tokenizer = load_tokenizer(spec["hub"], **options)
+        tokenizer = load_tokenizer(hub_id, **options)
     except OSError as err:
         raise StageError(
-            f"model {spec['hub']} is not in the local Hugging Face cache and the hub is unreachable "
-            f"({str(err).splitlines()[0]}); run `hf download {spec['hub']}` where the hub is reachable, "
-            "or use `path:` with a local directory"
+            f"model {name} is not in the local Hugging Face cache and the hub is unreachable "
+            f"({str(err).strip().splitlines()[0]}); {get_it}"
         ) from None
-    model = load_model(spec["hub"], dtype=spec.get("dtype", "float32"), **options)
+    model = load_model(hub_id, dtype=spec.get("dtype", "float32"), fix=get_it, **options)
     return model, tokenizer
 
 
@@ -51,7 +59,7 @@ def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None):
         model.to(pick_device())
         settings = settings_from(LoopSettings, spec["pretrain"])
 
-        def loss_fn(batch):
+        def loss_fn(model, batch):
             return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
 
         train(model, load_split(data_dir, "train"), loss_fn, settings)

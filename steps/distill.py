@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from steps import distributed
 from steps.artifacts import StageError, atomic_dir, fingerprint, settings_from, setup_logging, write_manifest
 from steps.data import load_split
 from steps.losses import KD_LOSSES, shifted_ce
-from steps.models import check_same_vocabulary, load_model, load_tokenizer, pick_device, save_model
+from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
 from steps.training import LoopSettings, drop_checkpoint, train
 
 
@@ -36,12 +37,12 @@ class DistillSettings:
     train: dict = field(default_factory=dict)  # LoopSettings
 
 
-def kd_objective(student, teacher, settings: DistillSettings, vocab: int):
+def kd_objective(teacher, settings: DistillSettings, vocab: int):
     """The per-batch loss function handed to the training loop."""
     kd = KD_LOSSES[settings.loss]
     extra = {"beta": settings.jsd_beta} if settings.loss == "jsd" else {}
 
-    def loss_fn(batch):
+    def loss_fn(student, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         s_logits = student(input_ids=ids).logits[..., :vocab]
         with torch.no_grad():
@@ -63,22 +64,25 @@ def run(teacher_dir: str, student_dir: str, data_dir: str, out: str, settings: D
     teacher_tok, tokenizer = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
     check_same_vocabulary(teacher_tok, tokenizer, teacher_dir, student_dir)
 
-    device = pick_device()
+    device = distributed.setup()
     teacher = load_model(teacher_dir, device=device).eval().requires_grad_(False)
     student = load_model(student_dir, device=device)
     blocks = load_split(data_dir, "train")
     key = hashlib.sha256(
         json.dumps([asdict(settings), fingerprint(teacher_dir), fingerprint(student_dir), fingerprint(data_dir)]).encode()
     ).hexdigest()[:16]
-    history = train(student, blocks, kd_objective(student, teacher, settings, len(tokenizer)), loop, checkpoints, key)
+    history = train(student, blocks, kd_objective(teacher, settings, len(tokenizer)), loop, checkpoints, key)
 
-    with atomic_dir(out) as tmp:
-        save_model(student.to("cpu"), tokenizer, tmp)
-        write_manifest(
-            tmp, "distill", settings, {"teacher": teacher_dir, "student": student_dir, "data": data_dir}, started,
-            params=student.num_parameters(), history=history,
-        )
-    drop_checkpoint(checkpoints)
+    weights = distributed.full_state_dict(student)  # every rank takes part in gathering shards
+    if distributed.is_main():
+        with atomic_dir(out) as tmp:
+            save_model(student, tokenizer, tmp, weights)
+            write_manifest(
+                tmp, "distill", settings, {"teacher": teacher_dir, "student": student_dir, "data": data_dir}, started,
+                params=sum(w.numel() for w in weights.values()), history=history, world_size=distributed.world_size(),
+            )
+        drop_checkpoint(checkpoints)
+    distributed.teardown()
 
 
 def main(argv=None) -> None:

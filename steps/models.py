@@ -39,9 +39,10 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
+    fix: str = "point it at a directory with config.json and *.safetensors weights (pickled weights are refused)",
     **kwargs,
 ):
-    """A causal LM from a local directory or a hub id; safetensors only."""
+    """A causal LM from a local directory or a hub id; safetensors only. `fix` ends the error line."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source),
@@ -52,14 +53,24 @@ def load_model(
             **kwargs,
         )
     except OSError as err:
-        raise StageError(f"cannot load model {source!s}: {str(err).splitlines()[0]}") from None
+        raise StageError(f"cannot load model {source!s}: {str(err).strip().splitlines()[0]}; {fix}") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise StageError(
+            f"model {source!s} ships its own modelling code, which runs only on opt-in; "
+            "set `trust_remote_code: true` on its `models:` entry if you trust that code"
+        ) from None
     if device is not None:
         model.to(device)
     return model
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> None:
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """`state_dict` overrides the module's own weights (gathered from FSDP shards)."""
+    if state_dict is not None:
+        state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
+    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))
 
 

@@ -16,10 +16,11 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from steps import distributed
 from steps.artifacts import StageError, atomic_dir, fingerprint, settings_from, setup_logging, write_manifest
 from steps.data import load_split
 from steps.losses import shifted_ce
-from steps.models import load_model, load_tokenizer, pick_device, save_model
+from steps.models import load_model, load_tokenizer, save_model
 from steps.training import LoopSettings, drop_checkpoint, train
 
 
@@ -55,23 +56,27 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     loop = settings_from(LoopSettings, settings.train)
     started = time.time()
     tokenizer = load_tokenizer(model_dir)
-    peft_model = add_lora(load_model(model_dir, device=pick_device()), settings)
+    if loop.parallel == "fsdp" and distributed.world_size() > 1:
+        raise StageError("recover trains small LoRA adapters: use parallel: ddp (fsdp is for distill)")
+    peft_model = add_lora(load_model(model_dir, device=distributed.setup()), settings)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
-    def loss_fn(batch):
-        return shifted_ce(peft_model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
+    def loss_fn(model, batch):
+        return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
 
     key = hashlib.sha256(json.dumps([asdict(settings), fingerprint(model_dir), fingerprint(data_dir)]).encode()).hexdigest()[:16]
     history = train(peft_model, load_split(data_dir, "train"), loss_fn, loop, checkpoints, key)
-    merged = peft_model.merge_and_unload().to("cpu")
-
-    with atomic_dir(out) as tmp:
-        save_model(merged, tokenizer, tmp)
-        write_manifest(
-            tmp, "recover", settings, {"model": model_dir, "data": data_dir}, started,
-            params=merged.num_parameters(), lora_trainable_params=trainable, history=history,
-        )
-    drop_checkpoint(checkpoints)
+    if distributed.is_main():  # DDP replicas are identical: one writer
+        merged = peft_model.merge_and_unload().to("cpu")
+        with atomic_dir(out) as tmp:
+            save_model(merged, tokenizer, tmp)
+            write_manifest(
+                tmp, "recover", settings, {"model": model_dir, "data": data_dir}, started,
+                params=merged.num_parameters(), lora_trainable_params=trainable, history=history,
+                world_size=distributed.world_size(),
+            )
+        drop_checkpoint(checkpoints)
+    distributed.teardown()
 
 
 def main(argv=None) -> None:

@@ -11,6 +11,10 @@ OUTSIDE the stage's declared output (Snakemake deletes a job's outputs before
 rerunning it). A killed job rerun with the same settings continues from there;
 the checkpoint is removed once the stage has written its output. Batches are a
 function of (seed, step), so a resumed run sees the same data as an unbroken one.
+
+Under torchrun (steps/distributed.py) each rank takes its slice of the same
+global batch of `world_size * batch_size` blocks, so N ranks with batch_size b
+train exactly like one process with batch_size N*b.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from steps import distributed
 
 log = logging.getLogger("steps")
 
@@ -42,13 +48,15 @@ class LoopSettings:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     log_every: int = 20
     checkpoint_every: int = 0  # 0 = never
+    parallel: str = "ddp"  # with several GPUs: ddp (replicas) | fsdp (sharded, for models too big for one GPU)
 
 
 def batch_at(blocks, step: int, micro: int, settings: LoopSettings, device) -> dict[str, torch.Tensor]:
-    """The micro-batch for (step, micro): a pure function of the seed, so resuming replays it exactly."""
+    """This rank's part of the micro-batch for (step, micro): a pure function of the seed,
+    so resuming replays it exactly and every rank draws the same global batch."""
     g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 1009 + micro)
-    idx = torch.randint(len(blocks), (settings.batch_size,), generator=g).tolist()
-    rows = blocks[idx]
+    idx = torch.randint(len(blocks), (distributed.world_size() * settings.batch_size,), generator=g)
+    rows = blocks[idx[distributed.rank() * settings.batch_size :][: settings.batch_size].tolist()]
     return {"input_ids": rows["input_ids"].to(device), "labels": rows["labels"].to(device)}
 
 
@@ -97,19 +105,24 @@ def _load_checkpoint(path: Path, model, optimizer, key: str) -> int:
 def train(
     model,
     blocks,
-    loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
     settings: LoopSettings,
     checkpoint_dir: str | Path | None = None,
     key: str = "",
 ) -> list[dict]:
-    """Run the loop; `loss_fn(batch)` returns (loss, extra numbers to log). Returns the logged history."""
+    """Run the loop; `loss_fn(model, batch)` returns (loss, extra numbers to log) and must call
+    the model it is given (the DDP/FSDP wrapper under torchrun). Returns the logged history."""
     device = next(model.parameters()).device
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    params = list(_trainable(model).values())
+    wrapped = distributed.wrap(model, settings.parallel)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else None
+    if checkpoint and settings.parallel == "fsdp" and distributed.world_size() > 1:
+        log.warning("no resumable checkpoints with fsdp: parameters are sharded across ranks")
+        checkpoint = None
     start = _load_checkpoint(checkpoint, model, optimizer, key) if checkpoint else 0
     history, tokens, t0 = [], 0, time.time()
     for step in range(start, settings.steps):
@@ -118,9 +131,9 @@ def train(
         for micro in range(settings.grad_accum):
             batch = batch_at(blocks, step, micro, settings, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                loss, extra = loss_fn(batch)
+                loss, extra = loss_fn(wrapped, batch)
             (loss / settings.grad_accum).backward()
-            tokens += batch["input_ids"].numel()
+            tokens += batch["input_ids"].numel() * distributed.world_size()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -128,10 +141,13 @@ def train(
             elapsed = time.time() - t0
             row = {"step": step + 1, "loss": round(loss.item(), 4), **extra, "tokens_per_s": round(tokens / elapsed)}
             history.append(row)
-            log.info(" ".join(f"{k}={v}" for k, v in row.items()))
+            if distributed.is_main():
+                log.info(" ".join(f"{k}={v}" for k, v in row.items()))
             tokens, t0 = 0, time.time()
         if checkpoint and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0:
-            _save_checkpoint(checkpoint, model, optimizer, step + 1, key)
+            if distributed.is_main():  # DDP replicas are identical: one writer
+                _save_checkpoint(checkpoint, model, optimizer, step + 1, key)
+            distributed.barrier()
     model.eval()
     return history
 
