@@ -27,6 +27,13 @@ wildcard_constraints:
     alias=_one_of(config["models"]),
     stage=r"teacher|student|distilled|pruned|recovered|quant/" + NAME,
 
+# Jobs that stay on the submitting machine under a cluster executor: downloads need the internet that
+# compute nodes often lack, and gathering a few JSON files into a report is not worth a queue slot.
+localrules:
+    fetch_data,
+    report,
+    report_recipe,
+
 
 def all_targets():
     return config["targets"]
@@ -234,3 +241,9 @@ def rule_resources(rule):
     """Resources of a rule from the config's `resources:` (its `default` entry, then the rule's own)."""
     table = config["resources"]
     return {**table.get("default", {}), **table.get(rule, {})}
+
+
+def launcher(rule):
+    """How a training rule starts its step: torchrun with one process per GPU when it has several."""
+    gpus = rule_resources(rule).get("gpu", 0)
+    return f"torchrun --standalone --nproc-per-node {gpus} -m" if gpus > 1 else "python -m"
