@@ -9,6 +9,7 @@ model's config entry opts in.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def load_model(
     **kwargs,
 ):
     """A causal LM from a local directory or a hub id; safetensors only. `fix` ends the error line."""
+    if "quantization_config" not in kwargs and _on_cpu(kwargs.get("device_map")):
+        kwargs.update(_gptq_cpu_kernel(source))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source),
@@ -64,6 +67,33 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def _on_cpu(device_map) -> bool:
+    if not torch.cuda.is_available():
+        return True
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return all(t is None or str(t) == "cpu" for t in targets)
+
+
+def _gptq_cpu_kernel(source: str | Path) -> dict:
+    """Loading kwargs for a GPTQ checkpoint on the CPU: `{}` unless its group size needs the plain torch kernel.
+
+    gptqmodel 7.6 picks its CPU int4 kernel (TorchAtenLinear) for 4-bit GPTQ with
+    group_size 16 too, but torch's `_weight_int4pack_mm_for_cpu` accepts only groups
+    of 32/64/128/256 and fails at the first no-grad forward. For those checkpoints
+    we name gptqmodel's dequantize-and-matmul kernel (`gptq_torch`) instead; every
+    other checkpoint keeps gptqmodel's automatic choice.
+    """
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return {}
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "gptq" or quant.get("bits") != 4 or quant.get("group_size") in (32, 64, 128, 256):
+        return {}
+    from transformers import GPTQConfig
+
+    return {"quantization_config": GPTQConfig(bits=4, backend="gptq_torch")}
 
 
 def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
