@@ -56,7 +56,10 @@ def load_model(
             **kwargs,
         )
     except OSError as err:
-        raise StageError(f"cannot load model {source!s}: {str(err).strip().splitlines()[0]}; {fix}") from None
+        reason = str(err).strip().splitlines()[0]
+        if "safetensors" in reason:  # transformers' advice here is to allow pickles: never
+            reason = "no *.safetensors weights found (pickled .bin weights are refused)"
+        raise StageError(f"cannot load model {source!s}: {reason}; {fix}") from None
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
