@@ -1,9 +1,12 @@
 # Quantize: one reloadable directory per method in `quantize.methods` (steps/quantize.py).
+# The chain's prepared data is an input of every method: gptq calibrates on its train split,
+# the other schemes ignore it (one rule, no per-scheme input functions).
 
 
 rule quantize:
     input:
         model=upstream("recovered"),
+        data=chain_data,
     output:
         directory("models/{recipe}/{teacher}_{student}/quant/{quant}"),
     params:
@@ -14,4 +17,4 @@ rule quantize:
     log:
         "logs/quantize/{recipe}/{teacher}_{student}_{quant}.log",
     shell:
-        "python -m steps.quantize --model {input.model} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "python -m steps.quantize --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"
