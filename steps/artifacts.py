@@ -99,6 +99,12 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def run_key(settings, *inputs: str | Path) -> str:
+    """Identity of a training run: its settings and its inputs' fingerprints (names resumable checkpoints)."""
+    payload = [dataclasses.asdict(settings), *(fingerprint(p) for p in inputs)]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
     for name in PACKAGES:

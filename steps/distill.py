@@ -13,15 +13,13 @@ yet), which costs one teacher forward per student step.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from steps import distributed
-from steps.artifacts import StageError, atomic_dir, fingerprint, settings_from, setup_logging, write_manifest
+from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
 from steps.data import load_split
 from steps.losses import KD_LOSSES, shifted_ce
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
@@ -68,9 +66,7 @@ def run(teacher_dir: str, student_dir: str, data_dir: str, out: str, settings: D
     teacher = load_model(teacher_dir, device=device).eval().requires_grad_(False)
     student = load_model(student_dir, device=device)
     blocks = load_split(data_dir, "train")
-    key = hashlib.sha256(
-        json.dumps([asdict(settings), fingerprint(teacher_dir), fingerprint(student_dir), fingerprint(data_dir)]).encode()
-    ).hexdigest()[:16]
+    key = run_key(settings, teacher_dir, student_dir, data_dir)
     history = train(student, blocks, kd_objective(teacher, settings, len(tokenizer)), loop, checkpoints, key)
 
     weights = distributed.full_state_dict(student)  # every rank takes part in gathering shards

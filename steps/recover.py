@@ -11,13 +11,11 @@ Trade-off: merging gives up swapping adapters at serving time.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from steps import distributed
-from steps.artifacts import StageError, atomic_dir, fingerprint, settings_from, setup_logging, write_manifest
+from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
 from steps.data import load_split
 from steps.losses import shifted_ce
 from steps.models import load_model, load_tokenizer, save_model
@@ -64,7 +62,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     def loss_fn(model, batch):
         return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
 
-    key = hashlib.sha256(json.dumps([asdict(settings), fingerprint(model_dir), fingerprint(data_dir)]).encode()).hexdigest()[:16]
+    key = run_key(settings, model_dir, data_dir)
     history = train(peft_model, load_split(data_dir, "train"), loss_fn, loop, checkpoints, key)
     if distributed.is_main():  # DDP replicas are identical: one writer
         merged = peft_model.merge_and_unload().to("cpu")
