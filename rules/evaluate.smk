@@ -23,7 +23,7 @@ rule report:
     input:
         unpack(report_inputs),
     output:
-        "results/{teacher}_{student}_{quant}.eval",
+        report("results/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
     params:
         args=report_args,
         code=code_fingerprint("report"),
@@ -37,6 +37,6 @@ rule report:
 
 use rule report as report_recipe with:
     output:
-        "results/{recipe}/{teacher}_{student}_{quant}.eval",
+        report("results/{recipe}/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
     log:
         "logs/report/{recipe}/{teacher}_{student}_{quant}.log",

@@ -116,3 +116,9 @@ def test_unknown_alias_fails_before_any_job_naming_the_known_ones(built):
     result = snakemake(built, "-n", "results/llama_student_int8.eval", check=False)
     assert result.returncode != 0
     assert "unknown model alias 'llama'; known: student, teacher" in result.stdout + result.stderr
+
+
+def test_html_report_lists_the_chain_result(built, tmp_path):
+    html = tmp_path / "report.html"
+    snakemake(built, "--report", str(html), TARGET)
+    assert html.stat().st_size > 10_000 and "teacher_student_int8.eval" in html.read_text(errors="replace")
