@@ -148,25 +148,31 @@ def load_hub(spec: dict):
     """`datasets.load_dataset` on a hub id; offline, the snapshot that `hf download` left in the HF cache."""
     import datasets
 
-    options = {"split": spec.get("split", "train"), "revision": spec.get("revision")}
+    hub_id, name, split, revision = spec["hub"], spec.get("name"), spec.get("split", "train"), spec.get("revision")
     try:
-        return datasets.load_dataset(spec["hub"], spec.get("name"), **options)
+        return datasets.load_dataset(hub_id, name, split=split, revision=revision)
     except (FileNotFoundError, ConnectionError) as err:
-        first_error = _root_cause(err)
-    try:
-        from huggingface_hub import snapshot_download
+        hub_error = _root_cause(err)
+    except ValueError as err:  # the data was reached: a wrong config name or split
+        raise StageError(f"hub dataset {hub_id}: {_root_cause(err)}; fix `name:` / `split:` in its entry") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        snapshot = snapshot_download(
-            spec["hub"], repo_type="dataset", revision=spec.get("revision"), local_files_only=True
-        )
-        return datasets.load_dataset(snapshot, spec.get("name"), split=options["split"])
-    except Exception:  # noqa: BLE001 -- no usable local snapshot either: report the hub error
-        pass
-    revision = f" --revision {spec['revision']}" if spec.get("revision") else ""
-    raise StageError(
-        f"cannot load hub dataset {spec['hub']} ({first_error}); run `hf download --repo-type dataset "
-        f"{spec['hub']}{revision}` where the hub is reachable (same HF_HOME), or point `path:` at a local copy"
-    )
+    try:
+        snapshot = snapshot_download(hub_id, repo_type="dataset", revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        get = f"hf download --repo-type dataset {hub_id}{f' --revision {revision}' if revision else ''}"
+        raise StageError(
+            f"cannot load hub dataset {hub_id} ({hub_error}); run `{get}` where the hub is reachable "
+            "(same HF_HOME), or point `path:` at a local copy"
+        ) from None
+    try:
+        return datasets.load_dataset(snapshot, name, split=split)
+    except Exception as err:  # noqa: BLE001 -- whatever `datasets` raises on the files, one line
+        raise StageError(
+            f"cannot read hub dataset {hub_id} from its cached snapshot {snapshot}: {_root_cause(err)}; "
+            "fix `name:` / `split:` in its entry"
+        ) from None
 
 
 def download(url: str, sha256: str, dest: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from steps.artifacts import read_manifest
+from steps.artifacts import StageError, read_manifest
 from steps.data import PrepareSettings, fetch, prepare, render_template, split_indices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +200,14 @@ def test_fetch_hub_dataset_offline_from_the_cache(tmp_path):
         assert read_manifest(out)["settings"]["hub"] == "someorg/dolly-mini"
 
 
+def test_hub_dataset_with_a_wrong_split_names_it(tmp_path):
+    hf_home = tmp_path / "hf"
+    fill_hub_cache(hf_home / "hub", "dataset", "someorg/dolly-mini", {"train.jsonl": json.dumps(DOLLY[0]) + "\n"})
+    out = tmp_path / "raw"
+    result = fetch_cli({"hub": "someorg/dolly-mini", "split": "validation"}, out, hf_home)
+    assert_fails(result, out, "someorg/dolly-mini", "validation", "`split:`")
+
+
 def test_fetch_url_streams_verifies_and_parses(tmp_path, http_root):
     root, base = http_root
     body = write_jsonl(root / "records.jsonl", RECORDS).read_bytes()
@@ -374,9 +382,9 @@ def test_empty_records_are_skipped_and_counted(tmp_path, bpe_dir):
 
 def test_too_few_tokens_for_a_block_is_a_clear_error(tmp_path, text_raw, bpe_dir):
     out = tmp_path / "out"
-    result = run_cli("prepare", "--raw", str(text_raw), "--tokenizer", str(bpe_dir), "--out", str(out),
-                     "--settings", json.dumps({"block_size": 100000}), hf_home=tmp_path / "hf")
-    assert_fails(result, out, "fewer than one block of 100000", "lower block_size")
+    with pytest.raises(StageError, match="fewer than one block of 100000; lower block_size"):
+        prepare(str(text_raw), str(bpe_dir), str(out), PrepareSettings(block_size=100000))
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 # ---------------------------------------------------------------- the workflow: fetch is not redone for tokenization
