@@ -314,19 +314,20 @@ def tokenize_records(records, tokenizer, settings: PrepareSettings) -> tuple[lis
     token for both), never learned; prompt tokens get label -100; the eos after
     the target is learned, so the model learns where a document ends.
     """
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, tokenizer.eos_token_id) else None
-    ids, labels, empty = [], [], 0
-    for record in records:
-        prompt, target = record_to_pieces(record, settings)
-        if not target.strip():  # nothing to learn: a blank document or an instruction without a response
-            empty += 1
-            continue
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        head = [bos] if bos is not None else []
-        ids += head + prompt_ids + target_ids
-        labels += [-100] * (len(head) + len(prompt_ids)) + target_ids
-    return ids, labels, empty
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id not in (None, tokenizer.eos_token_id) else []
+    pieces = [record_to_pieces(record, settings) for record in records]
+    kept = [(prompt, target) for prompt, target in pieces if target.strip()]  # blank text / no response: nothing to learn
+    ids, labels = [], []
+    for start in range(0, len(kept), 1000):  # batched: the fast tokenizers encode a list in parallel
+        batch = kept[start : start + 1000]
+        prompts = tokenizer([p for p, _ in batch], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        for (prompt, _), prompt_ids, target_ids in zip(batch, prompts, targets):
+            prompt_ids = prompt_ids if prompt else []
+            target_ids = target_ids + [tokenizer.eos_token_id]
+            ids += head + prompt_ids + target_ids
+            labels += [-100] * (len(head) + len(prompt_ids)) + target_ids
+    return ids, labels, len(pieces) - len(kept)
 
 
 def pack(ids: list[int], labels: list[int], block_size: int) -> dict[str, list[list[int]]]:
