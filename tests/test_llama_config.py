@@ -127,6 +127,7 @@ def test_llama_settings_restate_every_demo_key():
     update_config(merged, llama)
     for name in SETTING_SECTIONS:
         assert merged[name] == llama[name], f"`{name}:` inherits demo keys; restate them in config/llama.yaml"
+    assert merged["quantize"]["methods"] == llama["quantize"]["methods"], "restate every demo quantize method"
     assert merged["targets"] == llama["targets"]
     assert set(demo["models"]) <= set(merged["models"]) and set(llama["models"]) <= set(merged["models"])
 
