@@ -220,6 +220,12 @@ def tokenizer_settings(wildcards):
     return as_json({"dataset": config["data"]["dataset"], **spec})
 
 
+def local_source(wildcards):
+    """A `path:` dataset is an input, so editing the local file fetches it again."""
+    spec = config["datasets"][wildcards.dataset]
+    return [spec["path"]] if "path" in spec else []
+
+
 def dataset_spec(wildcards):
     """The source only: editing a dataset's format fields re-prepares, never re-fetches."""
     spec = config["datasets"][wildcards.dataset]

@@ -2,6 +2,8 @@
 
 
 rule fetch_data:
+    input:
+        local_source,
     output:
         directory("data/{dataset}/raw"),
     params:
