@@ -14,6 +14,8 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from steps import distributed
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
 from steps.data import load_split
@@ -56,7 +58,10 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     tokenizer = load_tokenizer(model_dir)
     if loop.parallel == "fsdp" and distributed.world_size() > 1:
         raise StageError("recover trains small LoRA adapters: use parallel: ddp (fsdp is for distill)")
-    peft_model = add_lora(load_model(model_dir, device=distributed.setup()), settings)
+    model = load_model(model_dir, device=distributed.setup())
+    # peft draws the LoRA A matrices from the global RNG, whose state after loading varies from run to run
+    torch.manual_seed(loop.seed)
+    peft_model = add_lora(model, settings)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
     def loss_fn(model, batch):

@@ -26,3 +26,13 @@ def test_bad_target_modules_fail_clearly(model_dir, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="target_modules"):
         run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(target_modules=["nope"], train=TRAIN))
     assert not (tmp_path / "r").exists()
+
+
+def test_same_settings_give_the_same_weights(model_dir, data_dir, tmp_path):
+    settings = RecoverSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], train=TRAIN)
+    torch.manual_seed(1)  # whatever the RNG state before, the adapters start from the configured seed
+    run(str(model_dir), str(data_dir), str(tmp_path / "a"), settings)
+    run(str(model_dir), str(data_dir), str(tmp_path / "b"), settings)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
