@@ -7,7 +7,8 @@ Metrics:
   (every window sees up to `context` tokens; windows advance by `stride`, and
   only tokens not scored by an earlier window count; the HF perplexity recipe).
   Prompt tokens of instruction data (label -100) are not scored.
-- `params`, `size_bytes` (weight files on disk), `tokens_per_s` (forward
+- `params` (logical count: packed GPTQ weights count as the weights they
+  stand for, as the stage's manifest records), `size_bytes` (weight files on disk), `tokens_per_s` (forward
   throughput during the perplexity pass), `peak_rss_bytes` of this process.
 The JSON also carries the model's own manifest, so a report can show lineage.
 """
@@ -77,15 +78,16 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
     if settings.max_tokens:
         input_ids, labels = input_ids[: settings.max_tokens], labels[: settings.max_tokens]
     result = perplexity(model, input_ids, labels, settings)
+    manifest = read_manifest(model_dir)
     metrics = {
         "perplexity": round(result["perplexity"], 4),
-        "params": model.num_parameters(),
+        "params": manifest.get("params") or model.num_parameters(),
         "size_bytes": weights_bytes(model_dir),
         "tokens_per_s": result["tokens_per_s"],
         "peak_rss_bytes": peak_rss_bytes(),
         "scored_tokens": result["scored_tokens"],
     }
-    report = {"model": str(model_dir), "settings": asdict(settings), "metrics": metrics, "manifest": read_manifest(model_dir)}
+    report = {"model": str(model_dir), "settings": asdict(settings), "metrics": metrics, "manifest": manifest}
     write_json_atomic(out, report)
     return report
 
