@@ -16,6 +16,7 @@ The JSON also carries the model's own manifest, so a report can show lineage.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ import torch
 from steps.artifacts import peak_rss_bytes, read_manifest, settings_from, setup_logging, weights_bytes, write_json_atomic
 from steps.data import load_split
 from steps.models import load_model, pick_device
+
+log = logging.getLogger("steps")
 
 
 @dataclass
@@ -51,7 +54,7 @@ def sliding_windows(length: int, context: int, stride: int):
 def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, settings: EvaluateSettings) -> dict:
     device = next(model.parameters()).device
     nll, scored_tokens, seen_tokens = 0.0, 0, 0
-    t0 = time.time()
+    t0 = last_log = time.time()
     for begin, end, scored in sliding_windows(len(input_ids), settings.context, settings.stride):
         ids = input_ids[begin:end].unsqueeze(0).to(device)
         targets = labels[begin:end].clone()
@@ -63,6 +66,9 @@ def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, settings: E
             nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
             scored_tokens += n
         seen_tokens += ids.numel()
+        if time.time() - last_log > 30:  # big models take minutes: say how far along we are
+            last_log = time.time()
+            log.info("%d/%d tokens scored, %.0f tokens/s", end, len(input_ids), seen_tokens / (last_log - t0))
     elapsed = time.time() - t0
     return {
         "perplexity": math.exp(nll / max(1, scored_tokens)),
