@@ -250,6 +250,8 @@ def rule_resources(rule):
 
 
 def launcher(rule):
-    """How a training rule starts its step: torchrun with one process per GPU when it has several."""
+    """How a training rule starts its step: torchrun with one process per GPU when it has several,
+    and with any GPU behind steps.gpus, which gives a local job devices no other job holds."""
     gpus = rule_resources(rule).get("gpu", 0)
-    return f"torchrun --standalone --nproc-per-node {gpus} -m" if gpus > 1 else "python -m"
+    launch = f"torchrun --standalone --nproc-per-node {gpus} -m" if gpus > 1 else "python -m"
+    return f"python -m steps.gpus run --count {gpus} -- {launch}" if gpus else launch
