@@ -10,7 +10,6 @@ from steps.data import FORMAT_FIELDS  # stdlib-only at import time, like steps.f
 from steps.fingerprint import code_fingerprint
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
-RECIPE_SECTIONS = ("distill", "prune", "recover", "quantize", "evaluate")
 DEFAULT_RECIPE = "default"
 
 
@@ -249,9 +248,9 @@ def rule_resources(rule):
     return {**table.get("default", {}), **table.get(rule, {})}
 
 
-def launcher(rule):
-    """How a training rule starts its step: torchrun with one process per GPU when it has several,
-    and with any GPU behind steps.gpus, which gives a local job devices no other job holds."""
+def launcher(rule, data_parallel=False):
+    """How a rule starts its step: with any GPU behind steps.gpus, which gives a local job devices
+    no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun."""
     gpus = rule_resources(rule).get("gpu", 0)
-    launch = f"torchrun --standalone --nproc-per-node {gpus} -m" if gpus > 1 else "python -m"
+    launch = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
     return f"python -m steps.gpus run --count {gpus} -- {launch}" if gpus else launch

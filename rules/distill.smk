@@ -10,7 +10,7 @@ rule distill:
         settings=settings_for("distill"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/distill",
         code=code_fingerprint("distill"),
-        launch=launcher("distill"),
+        launch=launcher("distill", data_parallel=True),
     resources:
         **rule_resources("distill"),
     log:

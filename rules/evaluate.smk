@@ -10,12 +10,13 @@ rule evaluate:
     params:
         settings=settings_for("evaluate"),
         code=code_fingerprint("evaluate"),
+        launch=launcher("evaluate"),
     resources:
         **rule_resources("evaluate"),
     log:
         "logs/evaluate/{recipe}/{teacher}_{student}/{stage}.log",
     shell:
-        "python -m steps.evaluate --model {input.model} --data {input.data}"
+        "{params.launch} steps.evaluate --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 

@@ -26,9 +26,10 @@ rule base_model:
         spec=model_spec_json,
         args=base_args,
         code=code_fingerprint("base"),
+        launch=launcher("base_model"),
     resources:
         **rule_resources("base_model"),
     log:
         "logs/base_model/{alias}.log",
     shell:
-        "python -m steps.base --spec {params.spec:q} {params.args} --out {output} > {log} 2>&1"
+        "{params.launch} steps.base --spec {params.spec:q} {params.args} --out {output} > {log} 2>&1"

@@ -10,10 +10,11 @@ rule prune:
     params:
         settings=settings_for("prune"),
         code=code_fingerprint("prune"),
+        launch=launcher("prune"),
     resources:
         **rule_resources("prune"),
     log:
         "logs/prune/{recipe}/{teacher}_{student}.log",
     shell:
-        "python -m steps.prune --model {input.model} --data {input.data}"
+        "{params.launch} steps.prune --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -12,9 +12,10 @@ rule quantize:
     params:
         settings=settings_for("quantize"),
         code=code_fingerprint("quantize"),
+        launch=launcher("quantize"),
     resources:
         **rule_resources("quantize"),
     log:
         "logs/quantize/{recipe}/{teacher}_{student}_{quant}.log",
     shell:
-        "python -m steps.quantize --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "{params.launch} steps.quantize --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -11,7 +11,7 @@ rule recover:
         settings=settings_for("recover"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
         code=code_fingerprint("recover"),
-        launch=launcher("recover"),
+        launch=launcher("recover", data_parallel=True),
     resources:
         **rule_resources("recover"),
     log:
