@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     ratio = slurm_s / local_s
     print(f"SLURM / local wall time: {ratio:.2f}x")
     inputs = {"config": args.config, "target": target, "init_seconds": args.init_seconds, "nodes": 1}
-    save("slurm_overhead", inputs, {"local_s": local_s, "slurm_s": slurm_s, "sbatch_jobs": jobs}, {"slurm_over_local": ratio})
+    raw = {"local_s": local_s, "slurm_s": slurm_s, "sbatch_jobs": jobs}
+    save("slurm_overhead", inputs, raw, {"slurm_over_local": ratio})
 
 
 if __name__ == "__main__":

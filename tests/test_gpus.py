@@ -16,13 +16,17 @@ from steps.gpus import visible_devices
 
 REPO = Path(__file__).resolve().parents[1]
 # A job that reports its devices, then holds them until `release` exists.
-HOLD = "import os, sys, time; print(os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)"
+HOLD = (
+    "import os, sys, time; print(os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\n"
+    "while not os.path.exists(sys.argv[1]): time.sleep(0.05)"
+)
 
 
 @pytest.fixture
 def env(tmp_path):
     environ = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")}
-    return {**environ, "CUDA_VISIBLE_DEVICES": "0,1,2", "STEPS_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(REPO)}
+    locks = str(tmp_path / "locks")
+    return {**environ, "CUDA_VISIBLE_DEVICES": "0,1,2", "STEPS_GPU_LOCK_DIR": locks, "PYTHONPATH": str(REPO)}
 
 
 def gpus(count: int, *cmd: str, env: dict, flags=()) -> subprocess.Popen:

@@ -165,7 +165,9 @@ def snakemake_cmd(*args: str) -> list[str]:
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run a snakemake client in its own session, so a hung one is killed with everything it started."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -198,7 +200,8 @@ class Canceller:
 
     def _watch(self):
         while not self._stop.wait(0.25):
-            queue = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"], env=self.env, capture_output=True, text=True)
+            running = ["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"]
+            queue = subprocess.run(running, env=self.env, capture_output=True, text=True)
             for line in queue.stdout.splitlines():
                 job_id, _, comment = line.partition("|")
                 if self.budget.get(comment, 0) > 0 and job_id not in {j for _, j in self.cancelled}:
@@ -220,7 +223,9 @@ def slurm_jobs(output: str) -> list[tuple[str, str, str]]:
     return [(rule, wildcards, slurm) for _, slurm, rule, wildcards in _SUBMITTED.findall(output)]
 
 
-_SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+?)/(?:(\S+)/)?\d+\.log\)")
+_SUBMITTED = re.compile(
+    r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+?)/(?:(\S+)/)?\d+\.log\)"
+)
 
 
 def finished(output: str) -> set[tuple[str, str]]:
@@ -251,13 +256,16 @@ def scenario(cluster, tmp_path_factory) -> Scenario:
     # The local run overlaps the SLURM runs, which mostly wait on status polls; niced, so that it only
     # takes the CPU the cluster jobs leave (a level that takes longer than ~14 s waits ~22 s more).
     local_cmd = ["nice", "-n", "19", *snakemake_cmd("--cores", "2")]
-    local_proc = subprocess.Popen(local_cmd, cwd=local_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    local_proc = subprocess.Popen(
+        local_cmd, cwd=local_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     # The profile waits 20 s before a job's first status check (gentle on a real controller); 2 s is
     # the least the squeue status command accepts with MinJobAge=300, and each DAG level waits for it.
     cmd = snakemake_cmd("--profile", str(profile), "--slurm-init-seconds-before-status-checks", "2")
     ctld_start = cluster.ctld_log.stat().st_size
     t0 = time.monotonic()
-    with Canceller(env, {"rule_train_tokenizer_wildcards_teacher": 1, "rule_base_model_wildcards_student": 2}) as canceller:
+    cancel = {"rule_train_tokenizer_wildcards_teacher": 1, "rule_base_model_wildcards_student": 2}
+    with Canceller(env, cancel) as canceller:
         run1 = run(cmd, slurm_dir, env)
     t1 = time.monotonic()
     run2 = run(cmd, slurm_dir, env)
@@ -318,7 +326,8 @@ def test_second_run_resumes_without_redoing_finished_jobs(scenario):
 
 
 def test_every_cluster_job_went_through_sbatch_and_local_rules_did_not(scenario):
-    planned = sum(int(n) for n in re.findall(r"^\w+\s+(\d+)$", scenario.run1.stdout.split("Job stats:")[1].split("total")[0], re.M))
+    stats = scenario.run1.stdout.split("Job stats:")[1].split("total")[0]
+    planned = sum(int(n) for n in re.findall(r"^\w+\s+(\d+)$", stats, re.M))
     finished_jobs = 0
     for result in (scenario.run1, scenario.run2):
         sbatched, local = submissions(result.stdout), set(re.findall(r"^localrule (\w+):", result.stdout, re.M))
