@@ -7,7 +7,8 @@ untrained demo student is trained for the same steps, batches and learning
 rate (a) with the distillation objective of config/config.yaml and (b) with
 kd_weight 0, i.e. next-token cross-entropy only; both are evaluated on the same
 held-out test tokens. Prints perplexity ratio (KD / CE, below 1 means KD wins)
-and the throughput ratio (KD pays one teacher forward per step).
+and the throughput ratio (KD pays one teacher forward per step; kd_weight 0
+skips it). `--kd-weight` overrides the KD side's mix of KD and cross-entropy.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--kd-weight", type=float, help="override the config's distill.kd_weight for the KD side")
     args = parser.parse_args(argv)
     require(TEACHER, STUDENT, DATA)
     config = yaml.safe_load(Path("config/config.yaml").read_text())
     train = {**config["distill"]["train"], "steps": args.steps, "checkpoint_every": 0}
-    kd = DistillSettings(**{**config["distill"], "train": train})
+    kd_weight = config["distill"]["kd_weight"] if args.kd_weight is None else args.kd_weight
+    kd = DistillSettings(**{**config["distill"], "kd_weight": kd_weight, "train": train})
     ce = DistillSettings(**{**config["distill"], "kd_weight": 0.0, "train": train})
     evaluation = EvaluateSettings(**{**config["evaluate"], "max_tokens": args.eval_tokens})
     rows, raw = [], {}
@@ -53,7 +56,8 @@ def main(argv=None) -> None:
     }
     print(table(rows))
     print(" ".join(f"{k}={v}" for k, v in ratios.items()))
-    inputs = {"teacher": TEACHER, "student": STUDENT, "data": DATA, "steps": args.steps, "eval_tokens": args.eval_tokens}
+    inputs = {"teacher": TEACHER, "student": STUDENT, "data": DATA, "steps": args.steps, "eval_tokens": args.eval_tokens,
+              "kd_weight": kd_weight}
     print("written", save("kd_vs_ce", inputs, raw, ratios))
 
 

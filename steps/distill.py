@@ -43,11 +43,13 @@ def kd_objective(teacher, settings: DistillSettings, vocab: int):
     def loss_fn(student, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         s_logits = student(input_ids=ids).logits[..., :vocab]
+        ce_loss = shifted_ce(s_logits, labels)
+        if settings.kd_weight == 0:  # plain fine-tuning: no teacher forward to pay for
+            return ce_loss, {"ce": round(ce_loss.item(), 4)}
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits[..., :vocab]
         mask = labels[:, 1:] != -100  # logits at i are scored against the token at i+1
         kd_loss = kd(s_logits[:, :-1], t_logits[:, :-1], mask, settings.temperature, **extra)
-        ce_loss = shifted_ce(s_logits, labels)
         loss = settings.kd_weight * kd_loss + (1 - settings.kd_weight) * ce_loss
         return loss, {"kd": round(kd_loss.item(), 4), "ce": round(ce_loss.item(), 4)}
 

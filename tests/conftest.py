@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +62,12 @@ def make_model_dir(path: Path, tokenizer_dir: Path, seed: int = 0, **arch) -> Pa
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("model") / "tiny", tokenizer_dir)
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run; empty when nothing is to be done."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}

@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import planned_jobs
 
 from steps.artifacts import StageError, read_manifest
 from steps.data import PrepareSettings, fetch, prepare, render_template, split_indices
@@ -388,14 +388,6 @@ def test_too_few_tokens_for_a_block_is_a_clear_error(tmp_path, text_raw, bpe_dir
 
 
 # ---------------------------------------------------------------- the workflow: fetch is not redone for tokenization
-
-
-def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:")[1].split("total")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 def test_changing_block_size_reprepares_without_fetching_again(tmp_path):

@@ -46,3 +46,21 @@ def test_vocabulary_mismatch_is_refused_before_training(teacher_dir, data_dir, t
     with pytest.raises(SystemExit, match="different vocabularies"):
         run(str(teacher_dir), str(student), str(data_dir), str(tmp_path / "out"), DistillSettings(train=TRAIN))
     assert not (tmp_path / "out").exists()
+
+
+def test_kd_weight_zero_is_plain_fine_tuning_without_a_teacher_forward(model_dir, data_dir):
+    import torch
+
+    from steps.data import load_split
+    from steps.distill import kd_objective
+    from steps.losses import shifted_ce
+    from steps.models import load_model
+
+    def teacher(**_):
+        raise AssertionError("the teacher ran")
+
+    student = load_model(model_dir)
+    batch = load_split(data_dir, "train")[:4]
+    loss, extra = kd_objective(teacher, DistillSettings(kd_weight=0.0), vocab=400)(student, batch)
+    assert torch.allclose(loss, shifted_ce(student(input_ids=batch["input_ids"]).logits, batch["labels"]))
+    assert "kd" not in extra
