@@ -18,9 +18,8 @@ import logging
 import time
 
 from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
-from steps.losses import shifted_ce
 from steps.models import build_scratch, load_model, load_tokenizer, pick_device, save_model
-from steps.training import LoopSettings, train
+from steps.training import LoopSettings, next_token_loss, train
 
 log = logging.getLogger("steps")
 
@@ -58,11 +57,7 @@ def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None):
             raise StageError("scratch model with pretrain: needs prepared data (--data)")
         model.to(pick_device())
         settings = settings_from(LoopSettings, spec["pretrain"])
-
-        def loss_fn(model, batch):
-            return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
-
-        train(model, load_split(data_dir, "train"), loss_fn, settings)
+        train(model, load_split(data_dir, "train"), next_token_loss, settings)
         model.to("cpu")
     return model, tokenizer
 

@@ -19,9 +19,8 @@ import torch
 from steps import distributed
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
 from steps.data import load_split
-from steps.losses import shifted_ce
 from steps.models import load_model, load_tokenizer, save_model
-from steps.training import LoopSettings, drop_checkpoint, train
+from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
 
 @dataclass
@@ -64,11 +63,8 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     peft_model = add_lora(model, settings)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
-    def loss_fn(model, batch):
-        return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
-
     key = run_key(settings, model_dir, data_dir)
-    history = train(peft_model, load_split(data_dir, "train"), loss_fn, loop, checkpoints, key)
+    history = train(peft_model, load_split(data_dir, "train"), next_token_loss, loop, checkpoints, key)
     if distributed.is_main():  # DDP replicas are identical: one writer
         merged = peft_model.merge_and_unload().to("cpu")
         with atomic_dir(out) as tmp:

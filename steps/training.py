@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from steps import distributed
+from steps.losses import shifted_ce
 
 log = logging.getLogger("steps")
 
@@ -58,6 +59,11 @@ def batch_at(blocks, step: int, micro: int, settings: LoopSettings, device) -> d
     idx = torch.randint(len(blocks), (distributed.world_size() * settings.batch_size,), generator=g)
     rows = blocks[idx[distributed.rank() * settings.batch_size :][: settings.batch_size].tolist()]
     return {"input_ids": rows["input_ids"].to(device), "labels": rows["labels"].to(device)}
+
+
+def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """The plain language-modelling objective, as a `loss_fn` for `train` (pre-training, LoRA recovery)."""
+    return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
 
 
 def lr_at(step: int, settings: LoopSettings) -> float:

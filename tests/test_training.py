@@ -1,18 +1,13 @@
 import torch
 
 from steps.data import load_split
-from steps.losses import shifted_ce
 from steps.models import load_model
-from steps.training import LoopSettings, lr_at, train
-
-
-def ce_loss(model, batch):
-    return shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]), {}
+from steps.training import LoopSettings, lr_at, next_token_loss, train
 
 
 def test_training_lowers_the_loss(model_dir, data_dir):
     model = load_model(model_dir)
-    history = train(model, load_split(data_dir, "train"), ce_loss, LoopSettings(steps=30, lr=1e-2, log_every=5))
+    history = train(model, load_split(data_dir, "train"), next_token_loss, LoopSettings(steps=30, lr=1e-2, log_every=5))
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
     assert all(row["tokens_per_s"] > 0 for row in history)
 
@@ -22,13 +17,13 @@ def test_resumed_run_equals_an_unbroken_run(model_dir, data_dir, tmp_path):
     settings = LoopSettings(steps=6, lr=1e-2, warmup=2, log_every=1, checkpoint_every=3)
 
     unbroken = load_model(model_dir)
-    train(unbroken, blocks, ce_loss, settings)
+    train(unbroken, blocks, next_token_loss, settings)
 
     # first attempt "dies" after step 3 (its checkpoint is all that remains), the rerun resumes
     first = load_model(model_dir)
-    train(first, blocks, ce_loss, LoopSettings(**{**settings.__dict__, "steps": 3}), tmp_path / "ckpt", "k")
+    train(first, blocks, next_token_loss, LoopSettings(**{**settings.__dict__, "steps": 3}), tmp_path / "ckpt", "k")
     resumed = load_model(model_dir)
-    history = train(resumed, blocks, ce_loss, settings, tmp_path / "ckpt", "k")
+    history = train(resumed, blocks, next_token_loss, settings, tmp_path / "ckpt", "k")
     assert [row["step"] for row in history] == [4, 5, 6]
     for (name, a), b in zip(unbroken.named_parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -38,9 +33,9 @@ def test_checkpoint_of_other_settings_is_ignored(model_dir, data_dir, tmp_path):
     blocks = load_split(data_dir, "train")
     model = load_model(model_dir)
     settings = LoopSettings(steps=2, log_every=1, checkpoint_every=2)
-    train(model, blocks, ce_loss, settings, tmp_path / "ckpt", "old-key")
+    train(model, blocks, next_token_loss, settings, tmp_path / "ckpt", "old-key")
     fresh = load_model(model_dir)
-    history = train(fresh, blocks, ce_loss, settings, tmp_path / "ckpt", "new-key")
+    history = train(fresh, blocks, next_token_loss, settings, tmp_path / "ckpt", "new-key")
     assert history[0]["step"] == 1
 
 
