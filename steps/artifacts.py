@@ -27,7 +27,7 @@ from steps.fingerprint import code_fingerprint
 
 log = logging.getLogger("steps")
 
-PACKAGES = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "gptqmodel", "snakemake")
+PACKAGES = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "gptqmodel", "gguf", "snakemake")
 
 
 class StageError(SystemExit):
@@ -120,8 +120,8 @@ def peak_rss_bytes() -> int:
 
 
 def weights_bytes(model_dir: str | Path) -> int:
-    """Bytes of the weight files, the number a user compares across stages."""
-    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    """Bytes of the weight files (safetensors, or the GGUF file), the number a user compares across stages."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(model_dir).glob(pattern))
 
 
 def read_manifest(model_dir: str | Path) -> dict:

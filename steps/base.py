@@ -3,6 +3,9 @@
 - `hub:` a Hugging Face id (with `revision`, `dtype`, `trust_remote_code`):
   loaded with `from_pretrained` (the HF cache; offline with HF_HUB_OFFLINE=1)
   and saved as safetensors, so every later stage reads a local directory.
+- `gguf:` a llama.cpp GGUF file (llama, mistral, qwen2), read by
+  transformers' GGUF loader: dequantized float weights, its tokenizer, and no
+  GGUF quantization config left, so later stages read it like any model.
 - `scratch:` a Llama architecture, randomly initialised with `seed` over a
   tokenizer directory and, with `pretrain:`, trained with plain next-token
   cross-entropy on the train split (the demo's teacher).
@@ -18,7 +21,7 @@ import logging
 import time
 
 from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
-from steps.models import build_scratch, load_model, load_tokenizer, pick_device, save_model
+from steps.models import build_scratch, load_gguf, load_model, load_tokenizer, pick_device, save_model
 from steps.training import LoopSettings, next_token_loss, train
 
 log = logging.getLogger("steps")
@@ -67,13 +70,16 @@ def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | 
     if "hub" in spec:
         model, tokenizer = from_hub(spec)
         inputs = {}
+    elif "gguf" in spec:
+        model, tokenizer = load_gguf(spec["gguf"], dtype=spec.get("dtype", "float32"))
+        inputs = {"gguf": spec["gguf"]}
     elif "scratch" in spec:
         if not tokenizer_dir:
             raise StageError("scratch model needs a tokenizer directory (--tokenizer)")
         model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir)
         inputs = {"tokenizer": tokenizer_dir, **({"data": data_dir} if data_dir else {})}
     else:
-        raise StageError(f"model spec {spec} has nothing to materialise; give hub: or scratch:")
+        raise StageError(f"model spec {spec} has nothing to materialise; give hub:, gguf: or scratch:")
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
         write_manifest(tmp, "base", spec, inputs, started, params=model.num_parameters())

@@ -3,8 +3,9 @@
 Snakemake reruns a job when a rule's params change but does not look inside
 imported modules, so each rule carries this hash as a param: editing
 `steps/prune.py` (or `steps/training.py`, which it imports) reruns prune and
-everything downstream, and nothing else. Pure stdlib, so the Snakefile can
-import it without pulling in torch.
+everything downstream, and nothing else. A stage that grew into a package
+(`steps/quantize/`) counts as one module: all its files. Pure stdlib, so the
+Snakefile can import it without pulling in torch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def _files(name: str) -> list[Path]:
+    """The source files of `steps` module `name`: `steps/name.py`, or every file of the package `steps/name/`."""
+    package = PACKAGE_DIR / name
+    if package.is_dir():
+        return sorted(package.glob("*.py"))
+    return [PACKAGE_DIR / f"{name}.py"]
+
+
 def _local_imports(path: Path) -> set[str]:
-    """Names of `steps` modules that the file at `path` imports."""
+    """Names of `steps` modules that the file at `path` imports (a package's own submodules are part of it)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -30,7 +39,7 @@ def _local_imports(path: Path) -> set[str]:
                 names.add(module.split(".")[1])
             elif node.level == 1:
                 names.add(module.split(".")[0])
-    return {n for n in names if (PACKAGE_DIR / f"{n}.py").exists()}
+    return {n for n in names if (PACKAGE_DIR / f"{n}.py").exists() or (PACKAGE_DIR / n).is_dir()}
 
 
 def module_closure(module: str) -> list[Path]:
@@ -40,12 +49,13 @@ def module_closure(module: str) -> list[Path]:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(_local_imports(PACKAGE_DIR / f"{name}.py"))
-    return [PACKAGE_DIR / f"{n}.py" for n in sorted(seen)]
+            for path in _files(name):
+                todo.extend(_local_imports(path))
+    return [path for name in sorted(seen) for path in _files(name)]
 
 
 def code_fingerprint(module: str) -> str:
     h = hashlib.sha256()
     for path in module_closure(module):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+        h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]

@@ -4,7 +4,9 @@ Every model directory the workflow writes is a plain Hugging Face directory
 (config.json, *.safetensors, tokenizer files) that reloads with
 `AutoModelForCausalLM.from_pretrained`. Pickled weights are refused
 (`use_safetensors=True`), and `trust_remote_code` is passed only when the
-model's config entry opts in.
+model's config entry opts in. A directory holding one `*.gguf` file and no
+config.json (the GGUF quantization's output) is read through transformers'
+GGUF loader, dequantized.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # GGUF sources the later stages can work on
+
+
+def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source), revision=revision, trust_remote_code=trust_remote_code, **kwargs
+    )
     if tokenizer.pad_token is None:  # Llama tokenizers ship without one; padding positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -46,6 +53,8 @@ def load_model(
     """A causal LM from a local directory or a hub id; safetensors only. `fix` ends the error line."""
     if "quantization_config" not in kwargs and _on_cpu(kwargs.get("device_map")):
         kwargs.update(_gptq_cpu_kernel(source))
+    if "gguf_file" not in kwargs and (gguf := _lone_gguf(source)):
+        kwargs["gguf_file"] = gguf
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source),
@@ -70,6 +79,51 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def _lone_gguf(source: str | Path) -> str | None:
+    """The name of the one GGUF file of a directory without config.json, else None."""
+    source = Path(source)
+    if not source.is_dir() or (source / "config.json").exists():
+        return None
+    files = sorted(source.glob("*.gguf"))
+    return files[0].name if len(files) == 1 else None
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """`general.architecture` of a GGUF file; a missing or unreadable file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"GGUF file {path} does not exist; fix the alias's `gguf:` path")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise StageError("reading GGUF files needs the `gguf` package: pip install 'gguf==0.19.*'") from None
+    try:
+        return str(GGUFReader(path).fields["general.architecture"].contents())
+    except Exception as err:  # the reader raises ValueError, KeyError, IndexError... on a damaged file
+        raise StageError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {str(err).strip()[:120]}); "
+            "download it again or point `gguf:` at another file"
+        ) from None
+
+
+def load_gguf(path: str | Path, dtype: str = "float32"):
+    """Model and tokenizer of a GGUF file as a plain float Hugging Face model (weights dequantized)."""
+    path = Path(path)
+    architecture = gguf_architecture(path)
+    if architecture not in GGUF_ARCHITECTURES:
+        raise StageError(
+            f"{path} holds a {architecture!r} model; GGUF sources must be one of {list(GGUF_ARCHITECTURES)}"
+        )
+    model = load_model(path.parent, dtype=dtype, gguf_file=path.name)
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+    # The weights are dequantized floats now: a GGUF quantization config left behind would make
+    # `save_pretrained` refuse, and every later stage must read this like any other float model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
 
 
 def _on_cpu(device_map) -> bool:
@@ -115,8 +169,7 @@ def build_scratch(arch: dict, tokenizer, seed: int) -> LlamaForCausalLM:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **arch,
+        **{"tie_word_embeddings": False, **arch},  # untied unless the architecture says so
     )
     model = LlamaForCausalLM(config)
     log.info("built scratch Llama: %s parameters", f"{model.num_parameters():,}")

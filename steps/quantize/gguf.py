@@ -1,0 +1,195 @@
+"""GGUF for llama.cpp (and ollama, LM Studio): one `model.gguf` written with the `gguf` package.
+
+Tensor names come from gguf's own HF -> GGUF table (`gguf.get_tensor_name_map`),
+the quantizers are gguf's numpy ones (`gguf.quants.quantize`). What llama.cpp's
+converter also does, and we do the same way:
+- Llama's q_proj / k_proj rows are reordered from Hugging Face's rotate-half
+  layout into the interleaved pairs llama.cpp's RoPE expects (Qwen2 needs none);
+- tied embeddings write no `output.weight`: llama.cpp then reads the output
+  matrix from `token_embd.weight` (and transformers sets `tie_word_embeddings`);
+- 1-D tensors (norms, biases) stay F32; a matrix whose rows are not whole
+  blocks of the type (32 values) is written F16 instead, as llama.cpp does;
+- with a 4- or 5-bit type the output matrix (`output.weight`, or the tied
+  `token_embd.weight`) is written Q8_0: llama-quantize keeps it at Q6_K for the
+  same reason (every logit goes through it), and gguf's numpy code has no Q6_K
+  quantizer;
+- the byte-level BPE tokenizer goes in as gpt2 tokens, token types (control /
+  user-defined / unused padding rows), merges, special token ids, the add-bos
+  flag and the chat template.
+Transformers reads the file back dequantized (`from_pretrained(dir, gguf_file=...)`):
+that is how the chain evaluates what the GGUF really costs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steps.artifacts import StageError
+
+log = logging.getLogger("steps")
+
+GGUF_FILE = "model.gguf"
+TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # the types gguf's numpy code can write
+OUTPUT_TYPE = "q8_0"  # the output matrix under 4/5-bit types (llama-quantize: Q6_K)
+# config.model_type -> (GGUF architecture, whether q/k rows are reordered for llama.cpp's RoPE)
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise StageError("writing GGUF needs the `gguf` package: pip install 'gguf==0.19.*'") from None
+    return gguf
+
+
+def check_writable(model_dir: str | Path, gguf_type: str) -> None:
+    """Refuse, from config.json and tokenizer.json alone, what the writer cannot express (before loading weights)."""
+    model_dir = Path(model_dir)
+    if gguf_type not in TYPES:
+        raise StageError(f"unknown GGUF type {gguf_type!r}; choose one of {list(TYPES)}")
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise StageError(
+            f"cannot write {model_type!r} models to GGUF; supported: {sorted(ARCHITECTURES)} "
+            "(pick another quantization method for this chain)"
+        )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise StageError(f"GGUF export does not write RoPE scaling ({rope.get('rope_type') or rope.get('type')}) yet")
+    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise StageError("GGUF export of Llama models with attention or MLP biases is not supported")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text()) if (model_dir / "tokenizer.json").exists() else {}
+    bpe = tokenizer.get("model", {})
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or (tokenizer.get("decoder") or {}).get("type") != "ByteLevel":
+        raise StageError(
+            f"{model_dir}: GGUF export writes byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen / SmolLM style) "
+            "with a tokenizer.json; this one is not (SentencePiece vocabularies are not supported yet)"
+        )
+
+
+def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from HF's half-split RoPE layout to llama.cpp's interleaved pairs.
+
+    HF rotates dimension i with i + head_dim/2; llama.cpp rotates 2i with 2i+1. Per head, the row
+    order [x0 .. x(h/2-1), y0 .. y(h/2-1)] becomes [x0, y0, x1, y1, ...].
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def tensor_data(name: str, weight: torch.Tensor, gguf_type: str, gguf):
+    """(array, GGML type) for one tensor: norms and biases F32, matrices in `gguf_type` where whole blocks fit."""
+    array = weight.detach().float().cpu().numpy()
+    if array.ndim == 1:
+        return array, gguf.GGMLQuantizationType.F32
+    qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if array.shape[-1] % block:
+        log.info("%s: rows of %d are not whole %d-value blocks of %s; written F16", name, array.shape[-1], block, gguf_type)
+        qtype = gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for how text is split before BPE (tokenizer.ggml.pre)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if [s["type"] for s in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    patterns = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+        if regex in patterns:
+            return name
+    log.warning("unrecognised pre-tokenizer %s: written as 'default'; llama.cpp may split text differently", pre)
+    return "default"
+
+
+def add_tokenizer(writer, model_dir: Path, rows: int, gguf) -> None:
+    """The tokenizer of `model_dir` for an embedding of `rows` rows (extra rows become unused [PAD] tokens)."""
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tokens = {index: text for text, index in tokenizer_json["model"]["vocab"].items()}
+    types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
+    for added in tokenizer_json.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    if max(tokens) >= rows:
+        raise StageError(f"tokenizer has ids up to {max(tokens)} but the embedding has only {rows} rows")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(rows)])
+    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(rows)])
+    # merges, bos/eos/unk/pad ids, add_bos_token and the chat template, read by gguf from the HF files
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=rows).add_to_gguf(writer, quiet=True)
+
+
+def add_hyperparameters(writer, config, arch: str, gguf_type: str, gguf) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(getattr(config, "_name_or_path", "") or arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: str) -> dict:
+    """Write `model` (loaded from `model_dir`, whose tokenizer files are read) as one GGUF file.
+
+    Returns the count of tensors per GGML type, for the manifest.
+    """
+    gguf = _gguf()
+    config = model.config
+    arch, reorder_rotary = ARCHITECTURES[config.model_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    writer = gguf.GGUFWriter(str(out_file), arch)
+    add_hyperparameters(writer, config, arch, gguf_type, gguf)
+    add_tokenizer(writer, Path(model_dir), model.get_input_embeddings().weight.shape[0], gguf)
+
+    counts: dict[str, int] = {}
+    started, last_log = time.time(), time.time()
+    state = model.state_dict()
+    for index, (hf_name, weight) in enumerate(state.items()):
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the output matrix from token_embd
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise StageError(f"no GGUF name for tensor {hf_name!r} of a {config.model_type} model")
+        if reorder_rotary and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            weight = rotary_to_interleaved(weight, heads)
+        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type[1] in "45" else gguf_type, gguf)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        if time.time() - last_log > 30:
+            last_log = time.time()
+            log.info("quantized %d/%d tensors in %.0f s", index + 1, len(state), last_log - started)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    log.info("wrote %s (%s) in %.1f s", out_file, counts, time.time() - started)
+    return counts

@@ -1,0 +1,95 @@
+"""GPTQ and its round-to-nearest baseline, written by GPTQModel in the GPTQ checkpoint format.
+
+GPTQ (Frantar et al. 2022) solves each Linear layer's 4- or 8-bit weights in
+groups of `group_size` input channels against Hessians built from calibration
+blocks of the chain's train split; RTN rounds each group on its own. GPTQModel
+is the maintained successor of auto-gptq (same checkpoint format; auto-gptq
+does not import with transformers 5). lm_head stays in full precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from steps.artifacts import StageError
+
+CALIBRATION_BATCH = 8  # blocks per calibration forward: speed only, all blocks have the same length
+
+
+def quantized_linears(model_dir: str) -> tuple[list[tuple[str, int, int]], int]:
+    """(name, in_features, out_features) of the Linear layers GPTQ replaces, and the model's parameter count.
+
+    Built on the meta device from config.json alone: no weights are read, so a
+    bad group size fails in a second even for a model that takes minutes to load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    layers = [
+        (name, m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head  # lm_head stays in full precision
+    ]
+    return layers, model.num_parameters()
+
+
+def check_group_size(layers: list[tuple[str, int, int]], settings: QuantizeSettings) -> None:
+    """GPTQ needs whole groups per row and 32-bit words of whole weights (qweight packs in_features, qzeros out_features)."""
+    per_word = 32 // settings.bits
+    widths = math.gcd(*(i for _, i, _ in layers))
+    suggest = math.gcd(widths, 1 << (widths.bit_length())) if widths else 1  # largest power of two dividing every width
+    if settings.group_size > 0:
+        suggest = min(suggest, settings.group_size)
+    for name, in_features, out_features in layers:
+        if settings.group_size > 0 and in_features % settings.group_size:
+            raise StageError(
+                f"group_size {settings.group_size} does not divide {name}'s in_features {in_features}; "
+                f"set the method's `group_size` to a divisor of every layer's input width (e.g. {suggest}) or -1"
+            )
+        for what, width in (("in_features", in_features), ("out_features", out_features)):
+            if width % per_word:
+                raise StageError(
+                    f"{name}'s {what} {width} is not a multiple of {per_word}, so {settings.bits}-bit weights "
+                    f"do not pack into 32-bit words; use bits 8 or keep this model in bnb / dtype schemes"
+                )
+
+
+def calibration_blocks(data_dir: str, count: int, seed: int) -> list[dict]:
+    from steps.data import load_split
+
+    train = load_split(data_dir, "train")
+    if count > len(train):
+        raise StageError(
+            f"gptq wants {count} calibration blocks but {data_dir}/train has {len(train)}; "
+            f"lower the method's `calibration_blocks` to at most {len(train)}"
+        )
+    picked = train.shuffle(seed=seed).select(range(count))["input_ids"]
+    return [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids)} for ids in picked]
+
+
+def gptq_quantize(model_dir: str, data_dir: str | None, out: Path, settings: QuantizeSettings) -> None:
+    """Quantize with GPTQModel and save its checkpoint (config.json carries quant_method gptq) into `out`."""
+    calibration = None
+    if settings.scheme == "gptq":  # read first: a short train split fails before the slow gptqmodel import
+        calibration = calibration_blocks(data_dir, settings.calibration_blocks, settings.seed)
+    # GPTQModel sizes its CPU pool from os.cpu_count(): on a shared node or a SLURM
+    # allocation that is the whole machine, not the cores this job was given.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(len(os.sched_getaffinity(0))))
+    from gptqmodel import GPTQConfig, GPTQModel, RTNConfig
+
+    if settings.scheme == "gptq":
+        config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
+    else:
+        config = RTNConfig(bits=settings.bits, group_size=settings.group_size)
+    torch.manual_seed(settings.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPTQModel.load(model_dir, config, device=device)
+    model.quantize(calibration, batch_size=CALIBRATION_BATCH)
+    model.save(str(out))

@@ -1,0 +1,239 @@
+"""GGUF in and out: tiny Llamas with real shapes written to GGUF, read back by transformers, and used as sources."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, make_model_dir, planned_jobs
+from steps.artifacts import read_manifest, weights_bytes
+from steps.quantize import QuantizeSettings, run as quantize
+
+gguf = pytest.importorskip("gguf")
+
+# 9 query heads over 3 KV heads (SmolLM2's grouping), head_dim 32 so rows are whole GGUF blocks;
+# an MLP 160 wide (not a power of two).
+GQA_ARCH = {
+    "hidden_size": 288,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 128,
+}
+# Relative logit error ||gguf - float|| / ||float|| a type may cost on these random-weight models
+# (measured, tied and untied alike: f16 6e-4, q8_0 1.2e-2, q4_0 0.16-0.18). The exact check is the
+# comparison with the fake-quantized model below; these bound what the type itself costs.
+TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2, "q4_0": 0.3}
+TEXT = "def f(x):\n    return x ** 2  # The Python Language Reference, 3.14 <|endoftext|> and more."
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def gqa_model(request, tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("gguf") / ("tied" if request.param else "untied")
+    return make_model_dir(out, tokenizer_dir, seed=3, **GQA_ARCH, tie_word_embeddings=request.param)
+
+
+def _write(model_dir, out, gguf_type):
+    quantize(str(model_dir), str(out), QuantizeSettings(scheme="gguf", type=gguf_type))
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _sample_ids(model_dir):
+    return torch.tensor([AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids])
+
+
+def _fake_quantized(model, gguf_type):
+    """The float model with every tensor the writer quantizes replaced by gguf's own quantize -> dequantize.
+
+    Quantization acts on rows and the q/k reordering moves whole rows, so the GGUF read back must equal
+    this model up to float rounding: any naming, reordering, tying or metadata mistake shows.
+    """
+    from steps.quantize.gguf import OUTPUT_TYPE
+
+    qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim != 2:
+                continue
+            is_output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+            t = gguf.GGMLQuantizationType[OUTPUT_TYPE.upper()] if is_output and gguf_type[1] in "45" else qtype
+            array = param.detach().numpy()
+            param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, t), t)))
+    return model
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])
+def test_gguf_reads_back_as_the_model_it_was_written_from(gqa_model, tmp_path, gguf_type):
+    out = _write(gqa_model, tmp_path / gguf_type, gguf_type)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.gguf"]  # no float copy kept
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    reference = AutoModelForCausalLM.from_pretrained(gqa_model)
+    assert back.config.tie_word_embeddings == reference.config.tie_word_embeddings
+    assert (back.config.num_attention_heads, back.config.num_key_value_heads) == (9, 3)
+    ids = _sample_ids(gqa_model)
+    want, got = _logits(reference, ids), _logits(back, ids)
+    assert ((got - want).norm() / want.norm()).item() < TOLERANCE[gguf_type]
+    exact = _logits(_fake_quantized(reference, gguf_type), ids)
+    torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-4)
+    manifest = read_manifest(out)
+    assert manifest["params"] == reference.num_parameters()
+    assert weights_bytes(out) == (out / "model.gguf").stat().st_size
+
+
+def test_q4_0_file_is_a_third_of_float_and_keeps_norms_f32(gqa_model, tmp_path):
+    out = _write(gqa_model, tmp_path / "q4", "q4_0")
+    reader = gguf.GGUFReader(out / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "Q8_0" if "output.weight" not in types else types["output.weight"] == "Q8_0"
+    assert weights_bytes(out) < 0.35 * weights_bytes(gqa_model)
+
+
+def test_tokenizer_round_trips_the_same_ids(gqa_model, tmp_path):
+    out = _write(gqa_model, tmp_path / "q8", "q8_0")
+    hf = AutoTokenizer.from_pretrained(gqa_model)
+    back = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    assert back(TEXT).input_ids == hf(TEXT).input_ids
+    assert back.decode(back(TEXT).input_ids) == TEXT
+    assert back.eos_token == hf.eos_token == "<|endoftext|>"
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
+def test_padded_embedding_rows_become_unused_tokens(tmp_path, tokenizer_dir):
+    model_dir = make_model_dir(tmp_path / "padded", tokenizer_dir, **GQA_ARCH)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = len(AutoTokenizer.from_pretrained(model_dir))
+    model.resize_token_embeddings(rows + 16)  # vocabularies padded to a multiple, as many checkpoints are
+    model.save_pretrained(model_dir)
+    out = _write(model_dir, tmp_path / "q8", "q8_0")
+    reader = gguf.GGUFReader(out / "model.gguf")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == rows + 16 and tokens[-1] == f"[PAD{rows + 15}]"
+    assert AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf").config.vocab_size == rows + 16
+
+
+def test_rotary_reordering_pairs_each_half_with_its_partner():
+    from steps.quantize.gguf import rotary_to_interleaved
+
+    head_dim, heads = 8, 2
+    rows = torch.arange(heads * head_dim, dtype=torch.float32).unsqueeze(1)
+    got = rotary_to_interleaved(rows, heads).squeeze(1).tolist()
+    # per head: [x0 x1 x2 x3 y0 y1 y2 y3] -> [x0 y0 x1 y1 x2 y2 x3 y3]
+    assert got == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_non_bpe_tokenizer_is_refused_before_writing(gqa_model, tmp_path):
+    broken = tmp_path / "sp"
+    subprocess.run(["cp", "-r", str(gqa_model), str(broken)], check=True)
+    tokenizer = json.loads((broken / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True  # what a SentencePiece-converted (Llama-2) tokenizer has
+    (broken / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(SystemExit, match="byte-level BPE"):
+        _write(broken, tmp_path / "out", "q8_0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_gguf_type_is_refused(gqa_model, tmp_path):
+    with pytest.raises(SystemExit, match="unknown GGUF type 'q3_k'"):
+        _write(gqa_model, tmp_path / "out", "q3_k")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- GGUF as a model source
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, tokenizer_dir):
+    """A tied GQA Llama as an f16 GGUF file, with the float model it came from."""
+    root = tmp_path_factory.mktemp("source")
+    model_dir = make_model_dir(root / "float", tokenizer_dir, seed=5, **GQA_ARCH, tie_word_embeddings=True)
+    _write(model_dir, root / "q", "f16")
+    return root / "q" / "model.gguf", model_dir
+
+
+def test_gguf_source_becomes_a_plain_float_directory(gguf_file, tmp_path):
+    from steps.base import run
+
+    path, float_dir = gguf_file
+    out = tmp_path / "base"
+    run({"gguf": str(path)}, str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(out)  # no gguf_file: an ordinary HF directory now
+    assert model.dtype == torch.float32
+    ids = _sample_ids(float_dir)
+    want = _logits(AutoModelForCausalLM.from_pretrained(float_dir), ids)
+    assert ((_logits(model, ids) - want).norm() / want.norm()).item() < TOLERANCE["f16"]
+    assert AutoTokenizer.from_pretrained(out)(TEXT).input_ids == ids[0].tolist()
+    assert read_manifest(out)["inputs"]["gguf"]["path"] == str(path)
+
+
+def test_missing_gguf_file_is_one_line_and_no_output(tmp_path):
+    from steps.base import run
+
+    with pytest.raises(SystemExit, match=r"GGUF file .*nope.gguf does not exist; fix the alias's `gguf:` path") as err:
+        run({"gguf": str(tmp_path / "nope.gguf")}, str(tmp_path / "base"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "base").exists()
+
+
+def test_corrupt_gguf_file_is_one_line_and_no_output(gguf_file, tmp_path):
+    from steps.base import run
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(gguf_file[0].read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="is not a readable GGUF file") as err:
+        run({"gguf": str(truncated)}, str(tmp_path / "base"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "base").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from steps.base import run
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SystemExit, match=r"holds a 'gpt2' model; GGUF sources must be one of \['llama', 'mistral', 'qwen2'\]"):
+        run({"gguf": str(path)}, str(tmp_path / "base"))
+    assert not (tmp_path / "base").exists()
+
+
+def test_editing_the_gguf_file_rebuilds_the_base_model(gguf_file, tmp_path):
+    """Through Snakemake: the file is an input of base_model, so replacing it reruns that job."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf_file[0].read_bytes())
+    config = tmp_path / "gguf.yaml"
+    config.write_text(f"models: {{real: {{gguf: {path}}}}}\ntargets: []\n")
+    snakemake = [
+        sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(tmp_path), "models/base/real", f"--configfile={config}",
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # rules call `python`
+    built = subprocess.run(snakemake, capture_output=True, text=True, timeout=300, env=env)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert (tmp_path / "models/base/real/config.json").exists()
+    assert planned_jobs(subprocess.run([*snakemake, "-n"], capture_output=True, text=True, timeout=120, env=env)) == {}
+    path.write_bytes(path.read_bytes())  # a new file in its place (newer mtime)
+    replanned = subprocess.run([*snakemake, "-n"], capture_output=True, text=True, timeout=120, env=env)
+    assert planned_jobs(replanned) == {"base_model": 1}
