@@ -16,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def require(*paths: str) -> None:
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise StageError(f"missing {', '.join(missing)}; run `make demo` first (benchmarks reuse its models)")
+        raise StageError(f"missing {', '.join(missing)}; build them first (`make demo`, or `make smollm2` for --config config/smollm2.yaml)")
 
 
 def save(name: str, inputs: dict, raw: dict, ratios: dict) -> Path:

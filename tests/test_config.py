@@ -69,3 +69,34 @@ def test_a_typo_stops_snakemake_before_any_job(tmp_path):
     )
     assert result.returncode != 0
     assert "rnak" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "definition,settings",
+    [
+        ("distill", "steps.distill:DistillSettings"),
+        ("prune", "steps.prune:PruneSettings"),
+        ("recover", "steps.recover:RecoverSettings"),
+        ("quant_method", "steps.quantize:QuantizeSettings"),
+        ("evaluate", "steps.evaluate:EvaluateSettings"),
+        ("loop", "steps.training:LoopSettings"),
+    ],
+)
+def test_schema_and_settings_dataclass_name_the_same_keys(definition, settings):
+    """One truth per setting: a key the schema accepts reaches the stage, and a stage setting is configurable."""
+    import dataclasses
+    import importlib
+
+    module, _, name = settings.partition(":")
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    schema = load(SCHEMA)["$defs"][definition]["properties"]
+    assert set(schema) == fields
+
+
+def test_schema_enums_match_what_the_quantize_stage_accepts():
+    from steps.quantize import SCHEMES
+    from steps.quantize.gguf import TYPES
+
+    quant = load(SCHEMA)["$defs"]["quant_method"]["properties"]
+    assert set(quant["scheme"]["enum"]) == {*SCHEMES, "none"}  # none: passed through by the workflow
+    assert set(quant["type"]["enum"]) == set(TYPES)

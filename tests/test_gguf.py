@@ -93,6 +93,18 @@ def test_gguf_reads_back_as_the_model_it_was_written_from(gqa_model, tmp_path, g
     assert weights_bytes(out) == (out / "model.gguf").stat().st_size
 
 
+def test_evaluate_reads_the_gguf_back_and_reports_its_real_size(gqa_model, data_dir, tmp_path):
+    from steps.evaluate import EvaluateSettings, run as evaluate
+
+    out = _write(gqa_model, tmp_path / "q8", "q8_0")
+    settings = EvaluateSettings(context=32, stride=16)
+    got = evaluate(str(out), str(data_dir), str(tmp_path / "q8.json"), settings)["metrics"]
+    want = evaluate(str(gqa_model), str(data_dir), str(tmp_path / "float.json"), settings)["metrics"]
+    assert got["size_bytes"] == (out / "model.gguf").stat().st_size < 0.3 * want["size_bytes"]
+    assert got["params"] == want["params"]
+    assert got["perplexity"] != want["perplexity"] and abs(got["perplexity"] / want["perplexity"] - 1) < 0.01
+
+
 def test_q4_0_file_is_a_third_of_float_and_keeps_norms_f32(gqa_model, tmp_path):
     out = _write(gqa_model, tmp_path / "q4", "q4_0")
     reader = gguf.GGUFReader(out / "model.gguf")
