@@ -149,13 +149,54 @@ def test_rotary_reordering_pairs_each_half_with_its_partner():
     assert got == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
 
 
-def test_non_bpe_tokenizer_is_refused_before_writing(gqa_model, tmp_path):
-    broken = tmp_path / "sp"
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory, raw_dir):
+    """A tiny Llama over a Llama-2-style tokenizer: BPE on `▁`-prefixed words with byte fallback."""
+    from datasets import load_from_disk
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    bpe.train_from_iterator(load_from_disk(str(raw_dir))["text"], trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    trained = json.loads(bpe.to_str())["model"]
+    root = tmp_path_factory.mktemp("sentencepiece")
+    LlamaTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]]).save_pretrained(root / "tok")
+    return make_model_dir(root / "model", root / "tok", seed=4, **GQA_ARCH)
+
+
+def test_sentencepiece_tokenizer_round_trips_with_byte_fallback(sentencepiece_model, tmp_path):
+    out = _write(sentencepiece_model, tmp_path / "q8", "q8_0")
+    text = TEXT.replace("<|endoftext|>", "\u00e9 \U0001f600")  # characters only the byte fallback spells
+    hf = AutoTokenizer.from_pretrained(sentencepiece_model)
+    back = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    assert back(text).input_ids == hf(text).input_ids
+    assert back.decode(back(text).input_ids, skip_special_tokens=True) == text
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    vocab = hf.get_vocab()
+    assert types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN and types[vocab["<s>"]] == gguf.TokenType.CONTROL
+    assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE
+    # llama.cpp merges by score: a token made by an earlier merge must score higher
+    merges = json.loads((sentencepiece_model / "tokenizer.json").read_text())["model"]["merges"]
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    first, last = ("".join(m if isinstance(m, list) else m.split(" ")) for m in (merges[0], merges[-1]))
+    assert scores[vocab[first]] > scores[vocab[last]] and scores[vocab["<0x41>"]] == 0.0
+    ids = torch.tensor([hf(text).input_ids])
+    want = _logits(AutoModelForCausalLM.from_pretrained(sentencepiece_model), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf"), ids)
+    assert ((got - want).norm() / want.norm()).item() < TOLERANCE["q8_0"]
+
+
+def test_other_tokenizer_models_are_refused_before_writing(gqa_model, tmp_path):
+    broken = tmp_path / "unigram"
     subprocess.run(["cp", "-r", str(gqa_model), str(broken)], check=True)
     tokenizer = json.loads((broken / "tokenizer.json").read_text())
-    tokenizer["model"]["byte_fallback"] = True  # what a SentencePiece-converted (Llama-2) tokenizer has
+    tokenizer["model"]["type"] = "Unigram"
     (broken / "tokenizer.json").write_text(json.dumps(tokenizer))
-    with pytest.raises(SystemExit, match="byte-level BPE"):
+    with pytest.raises(SystemExit, match="GGUF export writes BPE tokenizers .* this one is Unigram"):
         _write(broken, tmp_path / "out", "q8_0")
     assert not (tmp_path / "out").exists()
 

@@ -70,6 +70,15 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
     started = time.time()
     check_settings(settings, data_dir)
     inputs = {"model": model_dir}
+    if settings.scheme == "gguf":
+        gguf.check_writable(model_dir, settings.type)  # before loading weights
+        model = load_model(model_dir)
+        with atomic_dir(out) as tmp:
+            tensor_types = gguf.write_gguf(model, model_dir, tmp / gguf.GGUF_FILE, settings.type)
+            write_manifest(
+                tmp, "quantize", settings, inputs, started, params=model.num_parameters(), gguf_tensor_types=tensor_types
+            )
+        return
     tokenizer = load_tokenizer(model_dir)
     if settings.scheme in GPTQ_SCHEMES:
         layers, params = gptq.quantized_linears(model_dir)
@@ -80,15 +89,6 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
             gptq.gptq_quantize(model_dir, data_dir, tmp, settings)
             tokenizer.save_pretrained(str(tmp))  # ours, not GPTQModel's copy: keeps eos and the pad we set
             write_manifest(tmp, "quantize", settings, inputs, started, params=params)
-        return
-    if settings.scheme == "gguf":
-        gguf.check_writable(model_dir, settings.type)  # before loading weights
-        model = load_model(model_dir)
-        with atomic_dir(out) as tmp:
-            tensor_types = gguf.write_gguf(model, model_dir, tmp / gguf.GGUF_FILE, settings.type)
-            write_manifest(
-                tmp, "quantize", settings, inputs, started, params=model.num_parameters(), gguf_tensor_types=tensor_types
-            )
         return
     model = bnb.load_quantized(model_dir, settings.scheme, settings.dtype, settings.double_quant)
     with atomic_dir(out) as tmp:

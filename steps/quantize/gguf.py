@@ -13,9 +13,12 @@ converter also does, and we do the same way:
   `token_embd.weight`) is written Q8_0: llama-quantize keeps it at Q6_K for the
   same reason (every logit goes through it), and gguf's numpy code has no Q6_K
   quantizer;
-- the byte-level BPE tokenizer goes in as gpt2 tokens, token types (control /
-  user-defined / unused padding rows), merges, special token ids, the add-bos
-  flag and the chat template.
+- the tokenizer goes in whole: tokens, token types (control / user-defined /
+  byte / unused padding rows), merges, special token ids, the add-bos flag and
+  the chat template. Byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM) is written as
+  llama.cpp's `gpt2` model; SentencePiece-style BPE with byte fallback (Llama-2,
+  TinyLlama, Mistral) as its `llama` model, with each token scored by the rank
+  of the merge that makes it (llama.cpp's SentencePiece tokenizer merges by score).
 Transformers reads the file back dequantized (`from_pretrained(dir, gguf_file=...)`):
 that is how the chain evaluates what the GGUF really costs.
 """
@@ -27,7 +30,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from steps.artifacts import StageError
@@ -66,13 +68,22 @@ def check_writable(model_dir: str | Path, gguf_type: str) -> None:
         raise StageError(f"GGUF export does not write RoPE scaling ({rope.get('rope_type') or rope.get('type')}) yet")
     if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise StageError("GGUF export of Llama models with attention or MLP biases is not supported")
-    tokenizer = json.loads((model_dir / "tokenizer.json").read_text()) if (model_dir / "tokenizer.json").exists() else {}
-    bpe = tokenizer.get("model", {})
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or (tokenizer.get("decoder") or {}).get("type") != "ByteLevel":
-        raise StageError(
-            f"{model_dir}: GGUF export writes byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen / SmolLM style) "
-            "with a tokenizer.json; this one is not (SentencePiece vocabularies are not supported yet)"
-        )
+    tokenizer_model(model_dir)
+
+
+def tokenizer_model(model_dir: Path) -> str:
+    """llama.cpp's tokenizer model for the tokenizer.json of `model_dir`: `gpt2` or `llama`."""
+    path = model_dir / "tokenizer.json"
+    tokenizer = json.loads(path.read_text()) if path.exists() else {}
+    bpe, decoder = tokenizer.get("model", {}), (tokenizer.get("decoder") or {}).get("type")
+    if bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and decoder == "ByteLevel":
+        return "gpt2"
+    if bpe.get("type") == "BPE" and bpe.get("byte_fallback"):
+        return "llama"
+    raise StageError(
+        f"{model_dir}: GGUF export writes BPE tokenizers from a tokenizer.json, byte-level (GPT-2 / Llama-3 / Qwen) "
+        f"or with byte fallback (Llama-2 / Mistral); this one is {bpe.get('type') or 'missing'}"
+    )
 
 
 def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -116,22 +127,51 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return "default"
 
 
+def merge_scores(bpe: dict) -> dict[str, float]:
+    """Score per token for llama.cpp's SentencePiece tokenizer: minus the rank of the merge that makes it."""
+    scores = {}
+    for rank, merge in enumerate(bpe.get("merges", [])):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        scores.setdefault(left + right, -float(rank + 1))
+    return scores
+
+
 def add_tokenizer(writer, model_dir: Path, rows: int, gguf) -> None:
     """The tokenizer of `model_dir` for an embedding of `rows` rows (extra rows become unused [PAD] tokens)."""
+    from steps.models import load_tokenizer
+
+    kind = tokenizer_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    tokens = {index: text for text, index in tokenizer_json["model"]["vocab"].items()}
+    bpe = tokenizer_json["model"]
+    tokens = {index: text for text, index in bpe["vocab"].items()}
     types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
+    if kind == "llama":
+        types.update({i: gguf.TokenType.BYTE for i, t in tokens.items() if len(t) == 6 and t.startswith("<0x")})
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
     for added in tokenizer_json.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        if types.get(added["id"]) not in (gguf.TokenType.UNKNOWN, gguf.TokenType.BYTE):
+            types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     if max(tokens) >= rows:
         raise StageError(f"tokenizer has ids up to {max(tokens)} but the embedding has only {rows} rows")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    else:
+        writer.add_tokenizer_pre("default")
+        scores = merge_scores(bpe)
+        writer.add_token_scores([scores.get(tokens.get(i), 0.0) for i in range(rows)])
     writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(rows)])
     writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(rows)])
-    # merges, bos/eos/unk/pad ids, add_bos_token and the chat template, read by gguf from the HF files
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=rows).add_to_gguf(writer, quiet=True)
+    # merges, bos/eos/unk/pad ids and the chat template, read by gguf from the HF files
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=rows)
+    # Readers assume a SentencePiece vocabulary adds BOS unless told: say what this tokenizer does.
+    ids = tokenizer("a").input_ids
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
 
 
 def add_hyperparameters(writer, config, arch: str, gguf_type: str, gguf) -> None:
