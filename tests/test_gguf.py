@@ -60,7 +60,7 @@ def _fake_quantized(model, gguf_type):
     Quantization acts on rows and the q/k reordering moves whole rows, so the GGUF read back must equal
     this model up to float rounding: any naming, reordering, tying or metadata mistake shows.
     """
-    from steps.quantize.gguf import OUTPUT_TYPE
+    from steps.quantize.gguf import LOW_BIT, OUTPUT_TYPE
 
     qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
     tied = model.config.tie_word_embeddings
@@ -69,7 +69,7 @@ def _fake_quantized(model, gguf_type):
             if param.ndim != 2:
                 continue
             is_output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
-            t = gguf.GGMLQuantizationType[OUTPUT_TYPE.upper()] if is_output and gguf_type[1] in "45" else qtype
+            t = gguf.GGMLQuantizationType[OUTPUT_TYPE.upper()] if is_output and gguf_type in LOW_BIT else qtype
             array = param.detach().numpy()
             param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, t), t)))
     return model
@@ -103,6 +103,28 @@ def test_evaluate_reads_the_gguf_back_and_reports_its_real_size(gqa_model, data_
     assert got["size_bytes"] == (out / "model.gguf").stat().st_size < 0.3 * want["size_bytes"]
     assert got["params"] == want["params"]
     assert got["perplexity"] != want["perplexity"] and abs(got["perplexity"] / want["perplexity"] - 1) < 0.01
+
+
+def test_qwen2_with_attention_biases_round_trips(tmp_path, tokenizer_dir):
+    """Qwen2: no q/k reordering (its RoPE matches llama.cpp's NeoX mode) and q/k/v biases, kept in F32."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from steps.models import load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, **GQA_ARCH))
+    with torch.no_grad():
+        for layer in model.model.layers:  # a bias large enough to matter if it were lost or misplaced
+            layer.self_attn.q_proj.bias.normal_(std=0.5)
+            layer.self_attn.k_proj.bias.normal_(std=0.5)
+    save_model(model, tokenizer, tmp_path / "qwen2")
+    out = _write(tmp_path / "qwen2", tmp_path / "f16", "f16")
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    ids = _sample_ids(tmp_path / "qwen2")
+    want = _logits(model, ids)
+    assert ((_logits(back, ids) - want).norm() / want.norm()).item() < TOLERANCE["f16"]
 
 
 def test_q4_0_file_is_a_third_of_float_and_keeps_norms_f32(gqa_model, tmp_path):

@@ -113,3 +113,23 @@ def test_html_report_lists_the_chain_result(built, tmp_path):
     html = tmp_path / "report.html"
     snakemake(built, "--report", str(html), TARGET)
     assert html.stat().st_size > 10_000 and "teacher_student_int8.eval" in html.read_text(errors="replace")
+
+
+def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
+    target = "results/teacher_student_gguf-q8.eval"
+    assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
+    snakemake(built, target)
+    report = json.loads((built / target).read_text())
+    gguf_file = built / "models/default/teacher_student/quant/gguf-q8/model.gguf"
+    rows = {row["stage"]: row for row in report["chain"]}
+    assert rows["quantized"]["size_bytes"] == gguf_file.stat().st_size < rows["recovered"]["size_bytes"] / 3
+    assert rows["quantized"]["params"] == rows["recovered"]["params"]
+    assert abs(rows["quantized"]["perplexity"] / rows["recovered"]["perplexity"] - 1) < 0.02
+    # the writer lives in the steps/quantize package: editing it reruns quantize and downstream only
+    writer = built / "steps" / "quantize" / "gguf.py"
+    original = writer.read_text()
+    try:
+        writer.write_text(original + "\n# an edit\n")
+        assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
+    finally:
+        writer.write_text(original)

@@ -38,7 +38,8 @@ log = logging.getLogger("steps")
 
 GGUF_FILE = "model.gguf"
 TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # the types gguf's numpy code can write
-OUTPUT_TYPE = "q8_0"  # the output matrix under 4/5-bit types (llama-quantize: Q6_K)
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
+OUTPUT_TYPE = "q8_0"  # the output matrix under LOW_BIT types (llama-quantize: Q6_K)
 # config.model_type -> (GGUF architecture, whether q/k rows are reordered for llama.cpp's RoPE)
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
@@ -174,10 +175,10 @@ def add_tokenizer(writer, model_dir: Path, rows: int, gguf) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
-def add_hyperparameters(writer, config, arch: str, gguf_type: str, gguf) -> None:
+def add_hyperparameters(writer, config, name: str, gguf_type: str, gguf) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(getattr(config, "_name_or_path", "") or arch)
+    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -205,8 +206,9 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     writer = gguf.GGUFWriter(str(out_file), arch)
-    add_hyperparameters(writer, config, arch, gguf_type, gguf)
-    add_tokenizer(writer, Path(model_dir), model.get_input_embeddings().weight.shape[0], gguf)
+    model_dir = Path(model_dir)
+    add_hyperparameters(writer, config, f"{model_dir.parent.name}-{model_dir.name}", gguf_type, gguf)
+    add_tokenizer(writer, model_dir, model.get_input_embeddings().weight.shape[0], gguf)
 
     counts: dict[str, int] = {}
     started, last_log = time.time(), time.time()
@@ -221,7 +223,7 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             weight = rotary_to_interleaved(weight, heads)
         is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type[1] in "45" else gguf_type, gguf)
+        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type in LOW_BIT else gguf_type, gguf)
         writer.add_tensor(name, data, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if time.time() - last_log > 30:
