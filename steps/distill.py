@@ -77,7 +77,7 @@ def run(teacher_dir: str, student_dir: str, data_dir: str, out: str, settings: D
             save_model(student, tokenizer, tmp, weights)
             write_manifest(
                 tmp, "distill", settings, {"teacher": teacher_dir, "student": student_dir, "data": data_dir}, started,
-                params=sum(w.numel() for w in weights.values()), history=history, world_size=distributed.world_size(),
+                params=student.num_parameters(), history=history, world_size=distributed.world_size(),  # tied weights once
             )
         drop_checkpoint(checkpoints)
     distributed.teardown()

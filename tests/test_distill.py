@@ -64,3 +64,17 @@ def test_kd_weight_zero_is_plain_fine_tuning_without_a_teacher_forward(model_dir
     loss, extra = kd_objective(teacher, DistillSettings(kd_weight=0.0), vocab=400)(student, batch)
     assert torch.allclose(loss, shifted_ce(student(input_ids=batch["input_ids"]).logits, batch["labels"]))
     assert "kd" not in extra
+
+
+def test_tied_student_parameters_are_counted_once(teacher_dir, data_dir, tmp_path, tokenizer_dir):
+    """A tied student (SmolLM2, most small real models) shares embedding and lm_head: one matrix, counted once."""
+    from transformers import AutoModelForCausalLM
+
+    student = make_model_dir(tmp_path / "tied", tokenizer_dir, tie_word_embeddings=True)
+    out = tmp_path / "distilled"
+    run(str(teacher_dir), str(student), str(data_dir), str(out), DistillSettings(train={**TRAIN, "steps": 2}))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    state = model.state_dict()  # names the shared matrix twice: embed_tokens and lm_head
+    once = sum(w.numel() for w in state.values()) - state["lm_head.weight"].numel()
+    assert read_manifest(out)["params"] == model.num_parameters() == once
