@@ -122,7 +122,9 @@ def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
     report = json.loads((built / target).read_text())
     gguf_file = built / "models/default/teacher_student/quant/gguf-q8/model.gguf"
     rows = {row["stage"]: row for row in report["chain"]}
-    assert rows["quantized"]["size_bytes"] == gguf_file.stat().st_size < rows["recovered"]["size_bytes"] / 3
+    # not the 0.27x of a real model: the vocabulary and merges, and the f16 down_proj (24 input channels
+    # are not whole 32-value blocks), weigh on a 30k-parameter student
+    assert rows["quantized"]["size_bytes"] == gguf_file.stat().st_size < rows["recovered"]["size_bytes"] / 2
     assert rows["quantized"]["params"] == rows["recovered"]["params"]
     assert abs(rows["quantized"]["perplexity"] / rows["recovered"]["perplexity"] - 1) < 0.02
     # the writer lives in the steps/quantize package: editing it reruns quantize and downstream only
