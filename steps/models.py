@@ -95,10 +95,8 @@ def gguf_architecture(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise StageError(f"GGUF file {path} does not exist; fix the alias's `gguf:` path")
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise StageError("reading GGUF files needs the `gguf` package: pip install 'gguf==0.19.*'") from None
+    from gguf import GGUFReader  # lazily: only GGUF sources read one
+
     try:
         return str(GGUFReader(path).fields["general.architecture"].contents())
     except Exception as err:  # the reader raises ValueError, KeyError, IndexError... on a damaged file

@@ -71,7 +71,7 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
     check_settings(settings, data_dir)
     inputs = {"model": model_dir}
     if settings.scheme == "gguf":
-        gguf.check_writable(model_dir, settings.type)  # before loading weights
+        gguf.check_writable(model_dir)  # before loading weights
         model = load_model(model_dir)
         with atomic_dir(out) as tmp:
             tensor_types = gguf.write_gguf(model, model_dir, tmp / gguf.GGUF_FILE, settings.type)

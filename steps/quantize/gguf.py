@@ -30,6 +30,7 @@ import logging
 import time
 from pathlib import Path
 
+import gguf
 import torch
 
 from steps.artifacts import StageError
@@ -44,19 +45,9 @@ OUTPUT_TYPE = "q8_0"  # the output matrix under LOW_BIT types (llama-quantize: Q
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise StageError("writing GGUF needs the `gguf` package: pip install 'gguf==0.19.*'") from None
-    return gguf
-
-
-def check_writable(model_dir: str | Path, gguf_type: str) -> None:
+def check_writable(model_dir: str | Path) -> None:
     """Refuse, from config.json and tokenizer.json alone, what the writer cannot express (before loading weights)."""
     model_dir = Path(model_dir)
-    if gguf_type not in TYPES:
-        raise StageError(f"unknown GGUF type {gguf_type!r}; choose one of {list(TYPES)}")
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -69,13 +60,16 @@ def check_writable(model_dir: str | Path, gguf_type: str) -> None:
         raise StageError(f"GGUF export does not write RoPE scaling ({rope.get('rope_type') or rope.get('type')}) yet")
     if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise StageError("GGUF export of Llama models with attention or MLP biases is not supported")
-    tokenizer_model(model_dir)
+    tokenizer_model(read_tokenizer_json(model_dir), model_dir)
 
 
-def tokenizer_model(model_dir: Path) -> str:
-    """llama.cpp's tokenizer model for the tokenizer.json of `model_dir`: `gpt2` or `llama`."""
+def read_tokenizer_json(model_dir: Path) -> dict:
     path = model_dir / "tokenizer.json"
-    tokenizer = json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def tokenizer_model(tokenizer: dict, model_dir: Path) -> str:
+    """llama.cpp's tokenizer model for `model_dir`'s parsed tokenizer.json: `gpt2` or `llama`."""
     bpe, decoder = tokenizer.get("model", {}), (tokenizer.get("decoder") or {}).get("type")
     if bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and decoder == "ByteLevel":
         return "gpt2"
@@ -97,7 +91,7 @@ def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def tensor_data(name: str, weight: torch.Tensor, gguf_type: str, gguf):
+def tensor_data(name: str, weight: torch.Tensor, gguf_type: str):
     """(array, GGML type) for one tensor: norms and biases F32, matrices in `gguf_type` where whole blocks fit."""
     array = weight.detach().float().cpu().numpy()
     if array.ndim == 1:
@@ -137,13 +131,13 @@ def merge_scores(bpe: dict) -> dict[str, float]:
     return scores
 
 
-def add_tokenizer(writer, model_dir: Path, rows: int, gguf) -> None:
+def add_tokenizer(writer, model_dir: Path, rows: int) -> None:
     """The tokenizer of `model_dir` for an embedding of `rows` rows (extra rows become unused [PAD] tokens)."""
     from steps.models import load_tokenizer
 
-    kind = tokenizer_model(model_dir)
+    tokenizer_json = read_tokenizer_json(model_dir)
+    kind = tokenizer_model(tokenizer_json, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
     bpe = tokenizer_json["model"]
     tokens = {index: text for text, index in bpe["vocab"].items()}
     types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
@@ -175,7 +169,7 @@ def add_tokenizer(writer, model_dir: Path, rows: int, gguf) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
-def add_hyperparameters(writer, config, name: str, gguf_type: str, gguf) -> None:
+def add_hyperparameters(writer, config, name: str, gguf_type: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
@@ -200,15 +194,14 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
 
     Returns the count of tensors per GGML type, for the manifest.
     """
-    gguf = _gguf()
+    model_dir = Path(model_dir)
     config = model.config
     arch, reorder_rotary = ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     writer = gguf.GGUFWriter(str(out_file), arch)
-    model_dir = Path(model_dir)
-    add_hyperparameters(writer, config, f"{model_dir.parent.name}-{model_dir.name}", gguf_type, gguf)
-    add_tokenizer(writer, model_dir, model.get_input_embeddings().weight.shape[0], gguf)
+    add_hyperparameters(writer, config, f"{model_dir.parent.name}-{model_dir.name}", gguf_type)
+    add_tokenizer(writer, model_dir, model.get_input_embeddings().weight.shape[0])
 
     counts: dict[str, int] = {}
     started, last_log = time.time(), time.time()
@@ -223,7 +216,7 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             weight = rotary_to_interleaved(weight, heads)
         is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type in LOW_BIT else gguf_type, gguf)
+        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type in LOW_BIT else gguf_type)
         writer.add_tensor(name, data, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if time.time() - last_log > 30:
