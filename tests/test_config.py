@@ -65,7 +65,7 @@ def test_a_typo_stops_snakemake_before_any_job(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(REPO / "config" / "config.yaml"), str(bad)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
     assert "rnak" in result.stderr + result.stdout

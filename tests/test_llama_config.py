@@ -25,7 +25,7 @@ def dry_run(workdir: Path, *targets: str, extra: tuple[str, ...] = ()) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf-home")}
     cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), *targets, *extra,
            "--configfile", str(LLAMA)]  # targets first: --configfile takes every word after it
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in workdir.iterdir()) == [".snakemake"], "a dry run writes no data, models or cache"
     return result.stdout + result.stderr
@@ -147,6 +147,7 @@ def test_configfile_with_equals_keeps_the_target_after_it(tmp_path):
     workdir.mkdir()
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"),
                              f"--configfile={LLAMA}", "results/llama7b-d_1b_int8.eval"],
-                            cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert job_counts(result.stdout + result.stderr)["distill"] == 2
