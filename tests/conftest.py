@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+# A private, throwaway HF home for the session and every process it starts: trust_remote_code loads
+# write modules under $HF_HOME/modules, which must not land in the user's cache. huggingface_hub and
+# transformers read these once, at import, so they are set here, before any test module imports them;
+# the finer-grained variables would override HF_HOME, so they go.
+assert not {"transformers", "huggingface_hub"} & set(sys.modules), "imported before conftest could set HF_HOME"
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "HF_DATASETS_CACHE",
+             "HF_ASSETS_CACHE", "HF_XET_CACHE"):
+    os.environ.pop(_var, None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tests-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub, whatever the caller's environment says
 
 TINY_ARCH = {
     "hidden_size": 32,
