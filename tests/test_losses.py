@@ -1,6 +1,8 @@
 import math
 
+import pytest
 import torch
+from torch.distributions import Categorical, kl_divergence
 
 from steps.losses import forward_kl, jsd, reverse_kl, shifted_ce
 
@@ -37,12 +39,61 @@ def test_jsd_is_symmetric_and_bounded_by_log2():
 
 
 def test_masked_positions_do_not_count():
+    """Every loss averages over the unmasked positions only: garbage elsewhere changes nothing,
+    and the result is the loss of the unmasked slice alone (not diluted by the masked count)."""
     s, t = logits(5), logits(6)
     mask = torch.zeros(s.shape[:2], dtype=torch.bool)
     mask[:, :2] = True
-    garbage = s.clone()
-    garbage[:, 2:] = 100.0  # only unmasked positions may matter
-    assert torch.allclose(forward_kl(s, t, mask), forward_kl(garbage, t, mask))
+    garbage_s, garbage_t = s.clone(), t.clone()
+    garbage_s[:, 2:] = 100.0  # only unmasked positions may matter
+    garbage_t[:, 2:] = torch.linspace(-50, 50, s.size(-1))
+    kept = torch.ones(s.shape[0], 2, dtype=torch.bool)
+    for loss in (forward_kl, reverse_kl, jsd):
+        expected = loss(s[:, :2], t[:, :2], kept, temperature=2.0)
+        assert torch.allclose(loss(garbage_s, garbage_t, mask, temperature=2.0), expected, atol=1e-6), loss.__name__
+
+
+def test_losses_at_a_temperature_match_torch_distributions():
+    s, t = logits(9), logits(10)
+    mask = torch.tensor([[True, False, True, True, False], [False, True, True, False, True]])
+    T, beta = 2.5, 0.3
+    # per-position KLs from torch.distributions, not steps.losses' log-softmax algebra
+    p, q = Categorical(logits=t / T), Categorical(logits=s / T)  # teacher, student softened
+    m = Categorical(probs=beta * p.probs + (1 - beta) * q.probs)
+    cases = {
+        forward_kl: kl_divergence(p, q),
+        reverse_kl: kl_divergence(q, p),
+        jsd: beta * kl_divergence(p, m) + (1 - beta) * kl_divergence(q, m),
+    }
+    for loss, per_position in cases.items():
+        expected = per_position[mask].mean() * T**2
+        kwargs = {"beta": beta} if loss is jsd else {}
+        assert torch.allclose(loss(s, t, mask, temperature=T, **kwargs), expected, atol=1e-5), loss.__name__
+
+
+def test_a_two_token_case_worked_by_hand():
+    # At T=2 the teacher logits (0, 2 ln 3) soften to p = (1/4, 3/4); the student (0, 0) is q = (1/2, 1/2).
+    t = torch.tensor([[[0.0, 2 * math.log(3)]]])
+    s = torch.zeros(1, 1, 2)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    T2 = 4.0
+    forward = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    reverse = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    # beta = 0.5: m = (3/8, 5/8)
+    js = 0.5 * (0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625)) + 0.5 * (
+        0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625)
+    )
+    assert forward_kl(s, t, mask, temperature=2.0).item() == pytest.approx(T2 * forward, rel=1e-5)
+    assert reverse_kl(s, t, mask, temperature=2.0).item() == pytest.approx(T2 * reverse, rel=1e-5)
+    assert jsd(s, t, mask, temperature=2.0).item() == pytest.approx(T2 * js, rel=1e-5)
+
+
+def test_jsd_beta_weighs_teacher_and_student_sides():
+    """beta is the teacher's weight: swapping the roles of student and teacher is the same as beta -> 1 - beta."""
+    s, t = logits(11), logits(12)
+    mask = torch.ones(s.shape[:2], dtype=torch.bool)
+    assert torch.allclose(jsd(s, t, mask, beta=0.2), jsd(t, s, mask, beta=0.8), atol=1e-6)
+    assert not torch.allclose(jsd(s, t, mask, beta=0.2), jsd(s, t, mask, beta=0.8), atol=1e-4)
 
 
 def test_temperature_squared_scaling_reaches_the_logit_matching_limit():
