@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from steps.artifacts import peak_rss_bytes, read_manifest, settings_from, setup_logging, weights_bytes, write_json_atomic
+from steps.artifacts import (
+    StageError, peak_rss_bytes, read_manifest, settings_from, setup_logging, weights_bytes, write_json_atomic,
+)
 from steps.data import load_split
 from steps.models import load_model, pick_device
 
@@ -78,6 +80,11 @@ def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, settings: E
 
 
 def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> dict:
+    if not 0 < settings.stride <= settings.context:  # before loading: a big model takes minutes
+        raise StageError(
+            f"evaluate stride {settings.stride} must be between 1 and context ({settings.context}), "
+            "or some tokens would never be scored; set `evaluate.stride` to at most `evaluate.context`"
+        )
     model = load_model(model_dir, device_map={"": pick_device()}).eval()
     test = load_split(data_dir, "test")[:]  # all blocks as (n, block_size) tensors
     input_ids, labels = test["input_ids"].reshape(-1), test["labels"].reshape(-1)

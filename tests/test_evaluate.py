@@ -1,9 +1,13 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from steps.artifacts import StageError
+from steps.data import load_split
 from steps.evaluate import EvaluateSettings, perplexity, run, sliding_windows
 
 
@@ -35,19 +39,88 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
     assert result["scored_tokens"] == 299  # the first token has nothing to predict it
 
 
+class Successor(torch.nn.Module):
+    """A bigram model: after token x it gives x+1 (mod vocab) probability 1/2, every other token 1/(2(vocab-1))."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits.scatter_(-1, ((input_ids + 1) % self.vocab).unsqueeze(-1), math.log(self.vocab - 1))
+        return type("Out", (), {"logits": logits})
+
+
 def test_prompt_tokens_are_not_scored():
-    ids = torch.randint(0, 50, (64,))
-    labels = ids.clone()
-    labels[:32] = -100
-    result = perplexity(Uniform(50), ids, labels, EvaluateSettings(context=16, stride=8))
-    assert result["scored_tokens"] == 32
+    # Scored tokens follow their predecessor (+1, probability 1/2); prompt tokens jump by 3 (probability 1/18).
+    # Only the scored ones count, so the perplexity is exactly 2; one prompt token counted would raise it.
+    vocab = 10
+    labelled = torch.ones(64, dtype=torch.bool)
+    labelled[:12] = labelled[30:41] = False  # two prompts, one crossing a window boundary
+    ids = torch.zeros(64, dtype=torch.long)
+    for t in range(1, 64):
+        ids[t] = (ids[t - 1] + (1 if labelled[t] else 3)) % vocab
+    labels = torch.where(labelled, ids, torch.tensor(-100))
+    result = perplexity(Successor(vocab), ids, labels, EvaluateSettings(context=16, stride=8))
+    assert result["scored_tokens"] == 64 - 12 - 11
+    assert math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
 
 
-def test_run_writes_metrics_and_lineage(model_dir, data_dir, tmp_path):
+def test_every_token_is_scored_once_by_the_model():
+    # All tokens predictable: a token scored twice or skipped changes the count, a wrong target the perplexity.
+    ids = torch.arange(100) % 10
+    result = perplexity(Successor(10), ids, ids.clone(), EvaluateSettings(context=16, stride=5))
+    assert result["scored_tokens"] == 99 and math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
+
+
+def test_run_reports_params_from_the_manifest_and_carries_it(model_dir, data_dir, tmp_path):
+    """The stage's manifest is the lineage a report prints, and its `params` the logical count (GPTQ packs weights)."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    manifest = {"stage": "prune", "settings": {"ratio": 0.5}, "params": 424242, "wall_s": 3.0}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "eval.json"
+    run(str(model), str(data_dir), str(out), EvaluateSettings(context=32, stride=16, max_tokens=64))
+    report = json.loads(out.read_text())
+    assert report["manifest"] == manifest and report["metrics"]["params"] == 424242
+    assert report["model"] == str(model) and report["settings"]["max_tokens"] == 64
+    assert report["metrics"]["size_bytes"] == (model / "model.safetensors").stat().st_size
+
+
+def test_run_writes_metrics(model_dir, data_dir, tmp_path):
     out = tmp_path / "eval.json"
     run(str(model_dir), str(data_dir), str(out), EvaluateSettings(context=32, stride=16))
     report = json.loads(out.read_text())
     metrics = report["metrics"]
-    assert metrics["params"] > 0 and metrics["size_bytes"] > 0 and metrics["peak_rss_bytes"] > 0
+    with safe_open(model_dir / "model.safetensors", "pt") as f:  # no manifest: count what the file holds
+        assert metrics["params"] == sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert report["manifest"] == {}
+    assert metrics["size_bytes"] > 0 and metrics["peak_rss_bytes"] > 0 and metrics["tokens_per_s"] > 0
+    test_tokens = load_split(data_dir, "test")[:]["input_ids"].numel()
+    assert metrics["scored_tokens"] == test_tokens - 1  # the whole split: every token but the first
     assert 100 < metrics["perplexity"] < 2000  # untrained on a 400-token vocabulary
-    assert metrics["tokens_per_s"] > 0
+
+
+def test_max_tokens_scores_only_the_first_tokens(model_dir, data_dir, tmp_path):
+    """With one window the capped perplexity is a single forward pass over the first 40 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    got = run(str(model_dir), str(data_dir), str(tmp_path / "e.json"), EvaluateSettings(context=64, stride=32, max_tokens=40))
+    ids = load_split(data_dir, "test")[:]["input_ids"].reshape(-1)[:40]
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids.unsqueeze(0)).logits[0]
+    want = math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
+    assert got["metrics"]["scored_tokens"] == 39
+    assert math.isclose(got["metrics"]["perplexity"], want, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [0, 33])
+def test_stride_outside_the_context_fails_before_loading(tmp_path, stride):
+    out = tmp_path / "eval.json"
+    with pytest.raises(StageError, match=rf"stride {stride} must be between 1 and context \(32\).*`evaluate.stride`") as err:
+        run(str(tmp_path / "no-model"), str(tmp_path / "no-data"), str(out), EvaluateSettings(context=32, stride=stride))
+    assert "\n" not in str(err.value.code) and not out.exists()
+    with pytest.raises(ValueError, match=f"stride {stride} must be in"):
+        list(sliding_windows(100, 32, stride))
