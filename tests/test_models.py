@@ -190,10 +190,20 @@ def test_path_and_hub_aliases_in_the_dag(tmp_path, hub):
 # ---------------------------------------------------------------- vocabulary check
 
 
-def test_same_tokenizer_passes_the_vocabulary_check(tmp_path):
-    tokenizer = bpe(TEXTS)
-    tokenizer.save_pretrained(str(tmp_path / "a"))
-    check_same_vocabulary(tokenizer, load_tokenizer(tmp_path / "a"), "teacher-a", "student-a")
+def test_same_vocabulary_in_another_directory_and_config_passes_the_check(tmp_path):
+    """The student's tokenizer came from the teacher's (`tokenizer: {from: <teacher>}`, or a chat variant) but was
+    saved elsewhere with its own padding side, length limit and chat template: the token ids are the same,
+    which is all logit distillation needs."""
+    teacher = bpe(TEXTS)
+    save_model(build_scratch(ARCH, teacher, seed=0), teacher, tmp_path / "teacher")
+    variant = load_tokenizer(tmp_path / "teacher", padding_side="left", model_max_length=4096)
+    variant.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    variant.save_pretrained(str(tmp_path / "student"))
+    student = load_tokenizer(tmp_path / "student")
+    assert (student.padding_side, student.model_max_length) == ("left", 4096) != (teacher.padding_side, teacher.model_max_length)
+    assert student.chat_template and not teacher.chat_template
+    assert student(TEXTS).input_ids == teacher(TEXTS).input_ids
+    check_same_vocabulary(teacher, student, "models/base/teacher", "models/base/student")
 
 
 @pytest.mark.parametrize("texts,added", [(TEXTS, ["<|im_start|>"]), (OTHER, [])],
@@ -225,3 +235,28 @@ def test_distill_refuses_mismatched_vocabularies_before_training(tmp_path):
     line = last_line(result)
     assert "different vocabularies" in line and str(dirs["teacher"]) in line and str(dirs["student"]) in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- pickled weights
+
+
+def test_pickled_only_model_directory_is_refused_with_one_line_and_no_output(tmp_path):
+    """A directory with pytorch_model.bin and no safetensors: loading a pickle can run code, so no stage reads it."""
+    from transformers import AutoModelForCausalLM
+
+    from steps.prune import PruneSettings, run
+
+    tokenizer = bpe(TEXTS)
+    pickled = tmp_path / "pickled"
+    save_model(build_scratch(ARCH, tokenizer, seed=0), tokenizer, pickled)
+    weights = AutoModelForCausalLM.from_pretrained(pickled).state_dict()
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    assert AutoModelForCausalLM.from_pretrained(pickled, use_safetensors=False)  # a valid checkpoint, only pickled
+    out = tmp_path / "pruned"
+    with pytest.raises(StageError) as err:
+        run(str(pickled), str(tmp_path / "data"), str(out), PruneSettings())
+    message = str(err.value.code)
+    assert "\n" not in message and message.startswith(f"error: cannot load model {pickled}: ")
+    assert "no *.safetensors weights found (pickled .bin weights are refused)" in message
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))
