@@ -10,7 +10,10 @@ state and step go to a checkpoint directory keyed by the run's settings, kept
 OUTSIDE the stage's declared output (Snakemake deletes a job's outputs before
 rerunning it). A killed job rerun with the same settings continues from there;
 the checkpoint is removed once the stage has written its output. Batches are a
-function of (seed, step), so a resumed run sees the same data as an unbroken one.
+function of (seed, step), so a resumed run sees the same data as an unbroken one,
+and `grad_accum` micro-batches of b blocks train on the same blocks as one batch
+of `grad_accum * b` (the same step exactly when each block has as many learned
+tokens, as in packed plain text; only memory differs).
 
 Under torchrun (steps/distributed.py) each rank takes its slice of the same
 global batch of `world_size * batch_size` blocks, so N ranks with batch_size b
@@ -53,11 +56,17 @@ class LoopSettings:
 
 
 def batch_at(blocks, step: int, micro: int, settings: LoopSettings, device) -> dict[str, torch.Tensor]:
-    """This rank's part of the micro-batch for (step, micro): a pure function of the seed,
-    so resuming replays it exactly and every rank draws the same global batch."""
-    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 1009 + micro)
-    idx = torch.randint(len(blocks), (distributed.world_size() * settings.batch_size,), generator=g)
-    rows = blocks[idx[distributed.rank() * settings.batch_size :][: settings.batch_size].tolist()]
+    """This rank's part of micro-batch `micro` of optimizer step `step`.
+
+    The step's global batch of `grad_accum * world_size * batch_size` blocks is a pure function
+    of (seed, step): resuming replays it exactly, and every split of it into ranks and
+    micro-batches trains on the same blocks (2 micro-batches of b == 1 batch of 2b).
+    """
+    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step * 1009)
+    per_micro = distributed.world_size() * settings.batch_size
+    idx = torch.randint(len(blocks), (settings.grad_accum * per_micro,), generator=g)
+    start = micro * per_micro + distributed.rank() * settings.batch_size
+    rows = blocks[idx[start : start + settings.batch_size].tolist()]
     return {"input_ids": rows["input_ids"].to(device), "labels": rows["labels"].to(device)}
 
 

@@ -1,8 +1,27 @@
-import torch
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from steps.artifacts import run_key
 from steps.data import load_split
+from steps.losses import shifted_ce
 from steps.models import load_model
 from steps.training import LoopSettings, lr_at, next_token_loss, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(x, y, atol=atol), name
 
 
 def test_training_lowers_the_loss(model_dir, data_dir):
@@ -12,21 +31,63 @@ def test_training_lowers_the_loss(model_dir, data_dir):
     assert all(row["tokens_per_s"] > 0 for row in history)
 
 
-def test_resumed_run_equals_an_unbroken_run(model_dir, data_dir, tmp_path):
-    blocks = load_split(data_dir, "train")
-    settings = LoopSettings(steps=6, lr=1e-2, warmup=2, log_every=1, checkpoint_every=3)
+# The first attempt stalls in step 4, after its step-3 checkpoint is on disk (as a long job would),
+# and the test SIGKILLs it there: nothing of it survives but the checkpoint.
+KILLED_RUN = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from steps.artifacts import run_key
+from steps.data import load_split
+from steps.models import load_model
+from steps.training import LoopSettings, next_token_loss, train
 
+model_dir, data_dir, ckpt, raw = sys.argv[2:]
+settings = LoopSettings(**json.loads(raw))
+calls = 0
+
+def stalls_after_step_3(model, batch):
+    global calls
+    calls += 1
+    if calls > 3:
+        time.sleep(120)
+    return next_token_loss(model, batch)
+
+train(load_model(model_dir), load_split(data_dir, "train"), stalls_after_step_3, settings, ckpt,
+      run_key(settings, model_dir, data_dir))
+"""
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(model_dir, data_dir, tmp_path):
+    # Cosine decay through the resumed steps: each has its own learning rate, unlike the first three,
+    # so resuming at the wrong step (or with a fresh optimizer) ends at other weights.
+    settings = LoopSettings(steps=7, lr=1e-2, warmup=2, log_every=1, checkpoint_every=3)
+    resumed_lrs = [lr_at(step, settings) for step in range(3, 7)]
+    assert len(set(resumed_lrs)) == 4 and resumed_lrs != [lr_at(step, settings) for step in range(4)]
+    ckpt = tmp_path / "ckpt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(REPO), str(model_dir), str(data_dir), str(ckpt),
+         json.dumps(settings.__dict__)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (ckpt / "state.json").exists():
+            assert child.poll() is None, child.stderr.read()[-2000:]
+            assert time.time() < deadline, "no checkpoint written"
+            time.sleep(0.05)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+
+    blocks = load_split(data_dir, "train")
+    resumed = load_model(model_dir)
+    history = train(resumed, blocks, next_token_loss, settings, ckpt, run_key(settings, model_dir, data_dir))
+    assert [row["step"] for row in history] == [4, 5, 6, 7]
     unbroken = load_model(model_dir)
     train(unbroken, blocks, next_token_loss, settings)
-
-    # first attempt "dies" after step 3 (its checkpoint is all that remains), the rerun resumes
-    first = load_model(model_dir)
-    train(first, blocks, next_token_loss, LoopSettings(**{**settings.__dict__, "steps": 3}), tmp_path / "ckpt", "k")
-    resumed = load_model(model_dir)
-    history = train(resumed, blocks, next_token_loss, settings, tmp_path / "ckpt", "k")
-    assert [row["step"] for row in history] == [4, 5, 6]
-    for (name, a), b in zip(unbroken.named_parameters(), resumed.parameters()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    assert_same_weights(unbroken, resumed)
 
 
 def test_checkpoint_of_other_settings_is_ignored(model_dir, data_dir, tmp_path):
@@ -43,3 +104,71 @@ def test_schedule_warms_up_then_decays():
     s = LoopSettings(steps=100, lr=1.0, warmup=10)
     assert lr_at(0, s) == 0.1 and lr_at(9, s) == 1.0
     assert lr_at(50, s) < 1.0 and abs(lr_at(100, s) - 0.1) < 1e-9
+
+
+def test_gradient_accumulation_equals_the_larger_batch(model_dir, data_dir):
+    """2 micro-batches of 4 blocks make one optimizer step on the same 8 blocks as one batch of 8."""
+    blocks = load_split(data_dir, "train")
+    common = {"steps": 3, "lr": 1e-2, "warmup": 1, "log_every": 3}
+    accumulated, whole = load_model(model_dir), load_model(model_dir)
+    train(accumulated, blocks, next_token_loss, LoopSettings(**common, batch_size=4, grad_accum=2))
+    train(whole, blocks, next_token_loss, LoopSettings(**common, batch_size=8))
+    assert_same_weights(whole, accumulated, atol=1e-5)
+    assert not torch.equal(accumulated.lm_head.weight, load_model(model_dir).lm_head.weight)
+
+
+def test_gradients_are_clipped_to_norm_one(model_dir, data_dir):
+    blocks = load_split(data_dir, "train")
+    model = load_model(model_dir)
+
+    def steep(model, batch):  # a loss whose gradient norm is far above 1
+        return 1000 * next_token_loss(model, batch)[0], {}
+
+    norms = []
+
+    def record_norm(optimizer, args, kwargs):  # runs just before each optimizer step
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record_norm)
+    try:
+        train(model, blocks, steep, LoopSettings(steps=2, log_every=2))
+    finally:
+        handle.remove()
+    assert norms == pytest.approx([1.0, 1.0], rel=1e-4)
+
+
+def test_bf16_autocasts_the_forward_and_keeps_float32_weights(model_dir, data_dir):
+    blocks = load_split(data_dir, "train")
+    seen = []
+
+    def loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits
+        seen.append(logits.dtype)
+        return shifted_ce(logits, batch["labels"]), {}
+
+    model = load_model(model_dir)
+    history = train(model, blocks, loss_fn, LoopSettings(steps=2, log_every=1, bf16=True))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast of the model
+    assert all(row["loss"] == row["loss"] for row in history)  # not NaN
+
+    train(load_model(model_dir), blocks, loss_fn, LoopSettings(steps=1, log_every=1))
+    assert seen[-1] == torch.float32
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(model_dir, data_dir):
+    blocks = load_split(data_dir, "train")
+    settings = {"steps": 2, "lr": 1e-2, "warmup": 1, "log_every": 1}
+    runs = {}
+    for checkpointing in (False, True):
+        model = load_model(model_dir)
+        calls = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        history = train(model, blocks, next_token_loss, LoopSettings(**settings, gradient_checkpointing=checkpointing))
+        runs[checkpointing] = model, history, len(calls)
+    (plain, plain_history, plain_calls), (ckpt, ckpt_history, ckpt_calls) = runs[False], runs[True]
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert plain_calls == 2 and ckpt_calls == 4  # each layer's attention runs again in the backward pass
+    assert [r["loss"] for r in ckpt_history] == [r["loss"] for r in plain_history]
+    assert_same_weights(plain, ckpt, atol=1e-6)
