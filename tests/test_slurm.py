@@ -10,6 +10,9 @@ and always stops them again (tests/slurm/teardown.sh). One scenario then runs, a
   run 2  the same command again: it resumes, submitting only what run 1 did not finish;
   local  meanwhile, the same chain with `--cores 2` in another directory, to compare the `.eval`s.
 
+Both chains run with resources.yaml (RESOURCES_CONFIG): per-rule `resources:` whose effect SLURM reports.
+The cluster listens on free ports, and one cluster per machine is ensured by a lock on /etc/slurm.
+
 Each DAG level costs ~20 s on SLURM (plugin 2.6.1 sleeps 5 s before each sbatch, then polls the job's
 status 2 s and 14 s after it), so the scenario takes three to four minutes.
 """
@@ -22,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,10 +44,12 @@ SCRIPTS = REPO / "tests" / "slurm"
 TINY = "tests/config/tiny.yaml"
 TARGET = yaml.safe_load((REPO / TINY).read_text())["targets"][0]
 TOOLS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "scancel")
-LOCK = Path("/tmp/compress-workflow-slurm-test.lock")  # one test cluster per machine: fixed ports, /etc/slurm
+CONF_DIR = Path("/etc/slurm")  # one test cluster per machine: bringup.sh links its config here
 PLACEHOLDERS = {"YOUR-PARTITION": "debug", "YOUR-ACCOUNT": "testacct"}  # what a user edits in the profile
-# distill asks for the cluster's one (fake) GPU, so the run also covers `resources: gpu` -> sbatch --gpus.
-GPU_CONFIG = "resources: {distill: {gpu: 1}}\n"
+# Per-rule `resources:` that SLURM must see: distill asks for the cluster's one (fake) GPU (-> sbatch --gpus),
+# its own memory and time; prune for the cluster's second partition. The other rules keep the config's
+# default runtime (30 min), which overrides the profile's default-resources (60 min).
+RESOURCES_CONFIG = "resources: {distill: {gpu: 1, mem_mb: 1500, runtime: 17}, prune: {slurm_partition: other}}\n"
 LOCAL_RULES = {"fetch_data", "report"}  # `localrules:` in rules/common.smk
 CLUSTER_RULES = {"train_tokenizer", "prepare_data", "base_model", "distill", "prune", "recover", "quantize", "evaluate"}
 RUN_TIMEOUT = 480  # seconds; a hung client (e.g. a lost job status) fails the test instead of blocking CI
@@ -75,19 +81,35 @@ def _install_slurm(env) -> str | None:
     return f"SLURM installed but {', '.join(missing)} still missing" if missing else None
 
 
-def _take_lock(timeout: float):
-    """An exclusive lock on the one test cluster this machine can run, or None after `timeout` seconds."""
-    handle = LOCK.open("w")
+def _take_lock(timeout: float) -> int | None:
+    """An exclusive lock on the one test cluster this machine can run, or None after `timeout` seconds.
+
+    The lock is on /etc/slurm itself (root's, where the cluster's config goes), not a file in world-writable /tmp.
+    """
+    CONF_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(CONF_DIR, os.O_RDONLY | os.O_DIRECTORY)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
         except BlockingIOError:
             if time.monotonic() > deadline:
-                handle.close()
+                os.close(fd)
                 return None
             time.sleep(1)
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports no one listens on now (held open together, so they differ): the cluster's, instead of fixed ones."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -113,7 +135,7 @@ def cluster():
         pytest.skip("the test cluster runs slurmctld/slurmd as root (SlurmUser=root); not root here")
     lock = _take_lock(timeout=600)
     if lock is None:
-        pytest.skip(f"another test cluster held {LOCK} for 10 minutes")
+        pytest.skip(f"another test cluster held {CONF_DIR} for 10 minutes")
     # Not under pytest's private (mode 700) temp tree: munged wants every directory above its socket world-searchable.
     state = Path(tempfile.mkdtemp(prefix="slurm-test-"))
     state.chmod(0o755)
@@ -122,14 +144,21 @@ def cluster():
         if reason:
             pytest.skip(reason)
         env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
-        up = subprocess.run([SCRIPTS / "bringup.sh", state], env=env, capture_output=True, text=True, timeout=120)
+        ports = [str(port) for port in _free_ports(2)]
+        try:
+            up = subprocess.run([SCRIPTS / "bringup.sh", state, *ports], env=env, capture_output=True, text=True,
+                                timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"cluster bring-up took over 120 s\n{Cluster(state, env).log_tail()}")
         if up.returncode == 3:  # /etc/slurm/slurm.conf exists: never touch a real (or someone else's) cluster
             pytest.skip(up.stderr.strip())
         assert up.returncode == 0, f"cluster bring-up failed: {up.stderr.strip()}\n{Cluster(state, env).log_tail()}"
         yield Cluster(state, env)
     finally:
-        subprocess.run([SCRIPTS / "teardown.sh", state], env=env, capture_output=True, timeout=180)
-        lock.close()
+        try:
+            subprocess.run([SCRIPTS / "teardown.sh", state], env=env, capture_output=True, timeout=180)
+        finally:
+            os.close(lock)
 
 
 # ---------------------------------------------------------------- running the workflow
@@ -144,7 +173,7 @@ def copy_workflow(dest: Path) -> Path:
             shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dest / item)
-    (dest / "gpu.yaml").write_text(GPU_CONFIG)
+    (dest / "resources.yaml").write_text(RESOURCES_CONFIG)
     return dest
 
 
@@ -160,33 +189,54 @@ def slurm_profile(dest: Path) -> Path:
 
 
 def snakemake_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--configfile", TINY, "gpu.yaml", *args, TARGET]
+    return [sys.executable, "-m", "snakemake", "--configfile", TINY, "resources.yaml", *args, TARGET]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run a snakemake client in its own session, so a hung one is killed with everything it started."""
-    proc = subprocess.Popen(
+def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A snakemake client in its own session, so a hung one is killed with everything it started."""
+    return subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Its result, or a failed test (the client and all it started killed) after RUN_TIMEOUT seconds."""
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"snakemake did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+        stop(proc)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"{' '.join(proc.args)} did not finish in {RUN_TIMEOUT} s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a client started by `start`, and its whole session, if it is still running."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return finish(start(cmd, cwd, env))
 
 
 @dataclass
 class Canceller:
     """Cancels the first `budget[comment]` running SLURM jobs with that comment: a job killed on its node.
 
-    The plugin comments each job `rule_<rule>_wildcards_<values joined by _>`.
+    The plugin comments each job `rule_<rule>_wildcards_<values joined by _>`. It watches jobs in every
+    state, so a job that ended before it was seen running (too short, or scancel lost the race with its
+    end) is reported in `missed` instead of silently spoiling the scenario; a failed squeue or scancel
+    (a busy controller) is tried again on the next round, never kills the watcher.
     """
 
     env: dict[str, str]
     budget: dict[str, int]
     cancelled: list[tuple[str, str]] = field(default_factory=list)  # (comment, SLURM job id)
+    missed: list[tuple[str, str, str]] = field(default_factory=list)  # (comment, SLURM job id, its end state)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self):
@@ -196,18 +246,28 @@ class Canceller:
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=30)
+
+    def _slurm(self, *cmd: str) -> str | None:
+        try:
+            result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+        return result.stdout if result.returncode == 0 else None
 
     def _watch(self):
-        while not self._stop.wait(0.25):
-            running = ["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"]
-            queue = subprocess.run(running, env=self.env, capture_output=True, text=True)
-            for line in queue.stdout.splitlines():
-                job_id, _, comment = line.partition("|")
-                if self.budget.get(comment, 0) > 0 and job_id not in {j for _, j in self.cancelled}:
-                    subprocess.run(["scancel", job_id], env=self.env, check=True)
+        while not self._stop.wait(0.2):
+            queue = self._slurm("squeue", "-h", "-t", "all", "-o", "%i|%T|%k")
+            for line in (queue or "").splitlines():
+                job_id, state, comment = line.split("|", 2)
+                done = {j for _, j in self.cancelled} | {j for _, j, _ in self.missed}
+                if self.budget.get(comment, 0) <= 0 or job_id in done:
+                    continue
+                if state == "RUNNING" and self._slurm("scancel", job_id) is not None:
                     self.budget[comment] -= 1
                     self.cancelled.append((comment, job_id))
+                elif state not in ("PENDING", "CONFIGURING", "RUNNING"):  # ended on its own: too late
+                    self.missed.append((comment, job_id, state))
 
 
 def submissions(output: str) -> dict[str, tuple[str, str, str]]:
@@ -240,6 +300,7 @@ class Scenario:
     run2: subprocess.CompletedProcess
     local: subprocess.CompletedProcess
     cancelled: list[tuple[str, str]]  # (job comment, SLURM job id)
+    missed: list[tuple[str, str, str]]  # jobs to cancel that ended before the canceller saw them running
     ctld: str  # slurmctld's log during the two SLURM runs
     jobs: str  # `scontrol show job -o` at the end: what SLURM allocated to each job
     slurm_dir: Path
@@ -256,29 +317,31 @@ def scenario(cluster, tmp_path_factory) -> Scenario:
     # The local run overlaps the SLURM runs, which mostly wait on status polls; niced, so that it only
     # takes the CPU the cluster jobs leave (a level that takes longer than ~14 s waits ~22 s more).
     local_cmd = ["nice", "-n", "19", *snakemake_cmd("--cores", "2")]
-    local_proc = subprocess.Popen(
-        local_cmd, cwd=local_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    # The profile waits 20 s before a job's first status check (gentle on a real controller); 2 s is
-    # the least the squeue status command accepts with MinJobAge=300, and each DAG level waits for it.
-    cmd = snakemake_cmd("--profile", str(profile), "--slurm-init-seconds-before-status-checks", "2")
-    ctld_start = cluster.ctld_log.stat().st_size
-    t0 = time.monotonic()
-    cancel = {"rule_train_tokenizer_wildcards_teacher": 1, "rule_base_model_wildcards_student": 2}
-    with Canceller(env, cancel) as canceller:
-        run1 = run(cmd, slurm_dir, env)
-    t1 = time.monotonic()
-    run2 = run(cmd, slurm_dir, env)
-    t2 = time.monotonic()
-    jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=env, capture_output=True, text=True).stdout
-    local_out, _ = local_proc.communicate(timeout=RUN_TIMEOUT)
-    local = subprocess.CompletedProcess(local_cmd, local_proc.returncode, local_out, "")
+    local_proc = start(local_cmd, local_dir, env)
+    try:
+        # The profile waits 20 s before a job's first status check (gentle on a real controller); 2 s is
+        # the least the squeue status command accepts with MinJobAge=300, and each DAG level waits for it.
+        cmd = snakemake_cmd("--profile", str(profile), "--slurm-init-seconds-before-status-checks", "2")
+        ctld_start = cluster.ctld_log.stat().st_size
+        t0 = time.monotonic()
+        cancel = {"rule_train_tokenizer_wildcards_teacher": 1, "rule_base_model_wildcards_student": 2}
+        with Canceller(env, cancel) as canceller:
+            run1 = run(cmd, slurm_dir, env)
+        t1 = time.monotonic()
+        run2 = run(cmd, slurm_dir, env)
+        t2 = time.monotonic()
+        # run 2's jobs are recent, so MinJobAge=300 still keeps their records
+        jobs = subprocess.run(["scontrol", "show", "job", "-o"], env=env, capture_output=True, text=True,
+                              timeout=60).stdout
+        local = finish(local_proc)
+    finally:
+        stop(local_proc)  # a failed or hung SLURM run leaves no local chain running behind the tests
     seconds = {"slurm_run1": round(t1 - t0, 1), "slurm_run2": round(t2 - t1, 1)}
     print(f"wall seconds: {seconds}")
     ctld = cluster.ctld_log.read_text(errors="replace")[ctld_start:]
     for name, text in (("run1", run1.stdout), ("run2", run2.stdout), ("local", local.stdout), ("slurmctld", ctld)):
         (base / f"{name}.log").write_text(text)  # kept for a look after a failure
-    return Scenario(run1, run2, local, canceller.cancelled, ctld, jobs, slurm_dir, local_dir, seconds)
+    return Scenario(run1, run2, local, canceller.cancelled, canceller.missed, ctld, jobs, slurm_dir, local_dir, seconds)
 
 
 def tail(result: subprocess.CompletedProcess) -> str:
@@ -288,18 +351,9 @@ def tail(result: subprocess.CompletedProcess) -> str:
 # ---------------------------------------------------------------- tests
 
 
-def test_profile_ships_placeholders_and_the_squeue_status_command():
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    assert profile["executor"] == "slurm"
-    # sacct without slurmdbd makes the plugin lose finished jobs and wait forever
-    assert profile["slurm-status-command"] == "squeue"
-    assert profile["retries"] >= 1  # profile-level: a rule's `retries:` would also rerun inside the job
-    defaults = profile["default-resources"]
-    assert {defaults["slurm_partition"], defaults["slurm_account"]} == set(PLACEHOLDERS)
-
-
 def test_first_run_retries_a_failed_job_then_stops_naming_the_logs(scenario):
     out = scenario.run1.stdout
+    assert not scenario.missed, f"jobs to cancel ended before they were seen running: {scenario.missed}"
     assert scenario.run1.returncode != 0, tail(scenario.run1)
     assert [comment for comment, _ in scenario.cancelled].count("rule_base_model_wildcards_student") == 2
     sbatched = [job[:2] for job in slurm_jobs(out)]
@@ -345,10 +399,28 @@ def test_every_cluster_job_went_through_sbatch_and_local_rules_did_not(scenario)
     assert sorted(accepted, key=int) == sorted((job for _, _, job in sbatched), key=int)
     succeeded = set(re.findall(r"_job_complete: JobId=(\d+) WEXITSTATUS 0", scenario.ctld))
     assert succeeded == set(accepted) - {job for _, job in scenario.cancelled}
-    # the rule that asks for a GPU (gpu.yaml) was given the cluster's one GPU by SLURM
-    (distill,) = [job for rule, _, job in sbatched if rule == "distill"]
-    record = next(line for line in scenario.jobs.splitlines() if line.startswith(f"JobId={distill} "))
-    assert "gres/gpu=1" in record or "gpu:1" in record, record
+
+
+def test_config_resources_reach_the_slurm_jobs(scenario):
+    """What SLURM allocated (`scontrol show job`) is what the config's `resources:` and the profile ask for.
+
+    A rule's own entry wins over the config's `default`, which wins over the profile's default-resources.
+    """
+    records = {m[1]: m[0] for m in re.finditer(r"^JobId=(\d+) .*$", scenario.jobs, re.M)}
+    allocated = {}
+    for rule, _, job in slurm_jobs(scenario.run2.stdout):  # run 2's jobs: recent enough to be listed still
+        assert job in records, f"SLURM job {job} ({rule}) is not in `scontrol show job`"
+        fields = dict(re.findall(r"(\w+)=(\S*)", records[job]))
+        allocated[rule] = (fields["Partition"], fields["Account"], fields["TimeLimit"], fields["MinMemoryNode"])
+        gpus = re.search(r"gres/gpu[:=](\d+)|gpu:(\d+)", records[job])
+        if rule == "distill":
+            assert gpus and "1" in gpus.groups(), records[job]  # gpu: 1 -> the cluster's one GPU
+        else:
+            assert gpus is None, records[job]
+    assert {"distill", "prune", "evaluate"} <= set(allocated), allocated
+    assert allocated["distill"] == ("debug", "testacct", "00:17:00", "1500M"), allocated
+    assert allocated["prune"] == ("other", "testacct", "00:30:00", "4000M"), allocated
+    assert allocated["evaluate"] == ("debug", "testacct", "00:30:00", "4000M"), allocated
 
 
 def test_slurm_results_equal_the_local_run(scenario):

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Start a throwaway single-node SLURM cluster (munge + slurmctld + slurmd) on loopback, as root, no systemd.
 #
-#   tests/slurm/bringup.sh STATE_DIR      # prints nothing on success; STATE_DIR/pids lists the daemons
+#   tests/slurm/bringup.sh STATE_DIR [CTLD_PORT SLURMD_PORT]  # prints nothing on success; STATE_DIR/pids lists the daemons
 #   tests/slurm/teardown.sh STATE_DIR     # always run it afterwards, also after a failed bring-up
 #
 # Follows ../../../shared/notes/slurm-single-node.md (verified on Debian 12, slurm-wlm 22.05). Why each odd bit:
 #   - config also symlinked at /etc/slurm/: the jobstep plugin strips SLURM_CONF before its inner srun (pitfall 1);
 #   - MinJobAge=300: the executor's `squeue` status command needs finished jobs listed for a while (pitfall 3);
 #   - one fake GPU with gres.conf File=/dev/null, so `resources: gpu=1` -> `sbatch --gpus=1` is schedulable (pitfall 5);
-#   - a fresh StateSaveLocation and `slurmctld -i`, so no state (e.g. a DRAIN node) survives from an earlier run.
+#   - a fresh StateSaveLocation and `slurmctld -i`, so no state (e.g. a DRAIN node) survives from an earlier run;
+#   - the ports are the caller's (free ones it picked), default 6817/6818 as in SLURM;
+#   - a second partition, `other`, for a rule that asks for its own partition.
 set -euo pipefail
 
-STATE=${1:?usage: bringup.sh STATE_DIR}
+STATE=${1:?usage: bringup.sh STATE_DIR [CTLD_PORT SLURMD_PORT]}
+CTLD_PORT=${2:-6817}
+SLURMD_PORT=${3:-6818}
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)
 HOST=$(hostname -s)
@@ -45,8 +49,8 @@ chmod 755 "$STATE/munge"
 cat >"$STATE/etc/slurm.conf" <<EOF
 ClusterName=snaketest
 SlurmctldHost=$HOST(127.0.0.1)
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$STATE/munge/munge.socket.2
@@ -76,6 +80,7 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=other Nodes=ALL Default=NO MaxTime=INFINITE State=UP
 EOF
 echo "NodeName=$HOST Name=gpu File=/dev/null" >"$STATE/etc/gres.conf"
 mkdir -p /etc/slurm
@@ -109,5 +114,5 @@ slurmctld -D -i >"$STATE/log/slurmctld.out" 2>&1 &
 echo "slurmctld $!" >>"$STATE/pids"
 slurmd -D >"$STATE/log/slurmd.out" 2>&1 &
 echo "slurmd $!" >>"$STATE/pids"
-node_idle() { [ "$(sinfo -h -o %t)" = idle ]; }
+node_idle() { [ "$(sinfo -h -p debug -o %t)" = idle ]; }  # -p: one line, not one per partition
 wait_for 30 "node $HOST (sinfo state idle)" node_idle
