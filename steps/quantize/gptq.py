@@ -85,7 +85,12 @@ def gptq_quantize(model_dir: str, data_dir: str | None, out: Path, settings: Qua
     from gptqmodel import GPTQConfig, GPTQModel, RTNConfig
 
     if settings.scheme == "gptq":
-        config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act)
+        # GPTQModel's group-aware reordering (on by default) needs groups and excludes act-order: ask for it only
+        # where it applies, or `group_size: -1` fails mid-quantization (and desc_act warns).
+        config = GPTQConfig(
+            bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
+            act_group_aware=settings.group_size > 0 and not settings.desc_act,
+        )
     else:
         config = RTNConfig(bits=settings.bits, group_size=settings.group_size)
     torch.manual_seed(settings.seed)
