@@ -8,8 +8,10 @@ TRAIN = {"steps": 10, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 5}
 
 
 def test_lora_is_trained_and_merged_into_plain_weights(model_dir, data_dir, tmp_path):
-    out = tmp_path / "recovered"
-    run(str(model_dir), str(data_dir), str(out), RecoverSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], train=TRAIN))
+    out, ckpt = tmp_path / "recovered", tmp_path / "ckpt"
+    settings = RecoverSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], train={**TRAIN, "checkpoint_every": 5})
+    run(str(model_dir), str(data_dir), str(out), settings, checkpoints=str(ckpt))
+    assert not ckpt.exists()  # the output is written: the resumable checkpoint has served
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name in merged.state_dict())  # merged, no adapter modules left
@@ -36,3 +38,26 @@ def test_same_settings_give_the_same_weights(model_dir, data_dir, tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_checkpoint_survives_when_the_output_cannot_be_written(model_dir, data_dir, tmp_path):
+    """The checkpoint goes only after the output is in place: a failed write leaves the rerun its progress."""
+    import json
+
+    import pytest
+
+    (tmp_path / "blocked").write_text("a file where the output's parent directory should be")
+    ckpt = tmp_path / "ckpt"
+    settings = RecoverSettings(rank=2, target_modules=["q_proj"], train={**TRAIN, "steps": 2, "checkpoint_every": 2})
+    with pytest.raises(OSError):
+        run(str(model_dir), str(data_dir), str(tmp_path / "blocked" / "recovered"), settings, checkpoints=str(ckpt))
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+
+
+def test_fsdp_is_refused_before_the_model_is_loaded(model_dir, data_dir, tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
+    with pytest.raises(SystemExit, match="recover trains small LoRA adapters: use parallel: ddp"):
+        run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(train={**TRAIN, "parallel": "fsdp"}))
+    assert not (tmp_path / "r").exists()
