@@ -217,8 +217,11 @@ def model_spec_json(wildcards):
 
 
 def tokenizer_settings(wildcards):
+    """The tokenizer learns the text `prepare` will tokenize: its dataset's format fields go with it."""
     spec = model_spec(wildcards.alias)["tokenizer"]
-    return as_json({"dataset": config["data"]["dataset"], **spec})
+    dataset = spec.get("dataset", config["data"]["dataset"])
+    entry = config["datasets"].get(dataset, {})
+    return as_json({"dataset": dataset, **spec, **{k: entry[k] for k in FORMAT_FIELDS if k in entry}})
 
 
 def local_source(wildcards):

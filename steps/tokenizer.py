@@ -1,6 +1,8 @@
 """Train a byte-level BPE tokenizer for a `scratch:` model (the demo teacher).
 
-Input: a raw dataset directory (`datasets.save_to_disk`, column `text`).
+Input: a raw dataset directory (`datasets.save_to_disk`) and the dataset's format
+fields (`text_field`, or `template` + `response_field`): it learns the text that
+`steps.data prepare` will tokenize.
 Output: a tokenizer directory that `AutoTokenizer.from_pretrained` reloads,
 with `<|endoftext|>` as bos, eos and pad. Byte-level BPE never produces an
 unknown token, so any text round-trips. Trains in well under a second on
@@ -22,6 +24,9 @@ EOS = "<|endoftext|>"
 class TokenizerSettings:
     vocab_size: int = 2048  # including the byte alphabet (256) and the special token
     dataset: str = ""  # the dataset it was trained on (recorded; the rule picks the files)
+    text_field: str = "text"  # the dataset's format fields (its `datasets:` entry), as `prepare` reads them
+    template: str = ""
+    response_field: str = ""
 
 
 def train_bpe(texts, vocab_size: int):
@@ -44,7 +49,14 @@ def run(raw_dir: str, out: str, settings: TokenizerSettings) -> None:
     from datasets import load_from_disk
 
     started = time.time()
-    texts = load_from_disk(raw_dir)["text"]
+    from steps.data import PrepareSettings, check_fields, record_to_pieces
+
+    data = load_from_disk(raw_dir)
+    fields = PrepareSettings(text_field=settings.text_field, template=settings.template,
+                             response_field=settings.response_field)
+    check_fields(data.column_names, fields, raw_dir)  # one line naming the missing field, before training
+    texts = ["".join(record_to_pieces(record, fields)) for record in data] if fields.template else [
+        text for text in data[fields.text_field] if text]
     tokenizer = train_bpe(texts, settings.vocab_size)
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))

@@ -1,6 +1,7 @@
 """Every shipped config validates against the schema; mistakes fail with the schema's message."""
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from snakemake.utils import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "config" / "schema.yaml")
+RULES = {name for f in (REPO / "rules").glob("*.smk")  # `rule x:` and `use rule y as x`
+         for pair in re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+))", f.read_text(), re.M) for name in pair if name}
 
 
 def load(path):
@@ -34,7 +37,8 @@ def merged(*paths):
 def test_shipped_configs_validate(extra):
     config = merged(*extra)
     validate(config, SCHEMA)
-    assert config["resources"] is not None  # defaults filled in
+    # resources are looked up by rule name: a misspelt one (`distil:`) would silently give that rule nothing
+    assert set(config["resources"]) <= RULES | {"default"}, f"not rules: {set(config['resources']) - RULES}"
 
 
 def test_defaults_are_filled_in():

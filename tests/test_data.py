@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import planned_jobs
 
 from steps.artifacts import StageError, read_manifest
 from steps.data import PrepareSettings, fetch, prepare, render_template, split_indices
@@ -48,7 +46,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def run_cli(*args: str, hf_home: Path) -> subprocess.CompletedProcess:
     """`python -m steps.data ...` offline, with its own (test-filled) Hugging Face home."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
-    return subprocess.run([sys.executable, "-m", "steps.data", *args], cwd=REPO, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "steps.data", *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=120)
 
 
 def fetch_cli(spec: dict, out: Path, hf_home: Path) -> subprocess.CompletedProcess:
@@ -186,6 +185,21 @@ def test_fetch_builtin_corpus_needs_nothing(tmp_path):
     assert len(data) > 100 and data.column_names == ["text"]
 
 
+def test_fetch_builtin_python_stdlib_is_the_standard_librarys_source(tmp_path):
+    """The demo's dataset: every top-level stdlib module, cut at blank lines, nothing from sub-packages."""
+    import sysconfig
+
+    fetch({"builtin": "python_stdlib"}, str(tmp_path / "raw"))
+    texts = datasets.load_from_disk(str(tmp_path / "raw"))["text"]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(stdlib.glob("*.py"))]
+    assert texts[0] == sources[0][: len(texts[0])], "records in file-name order, from the first module on"
+    assert stdlib.joinpath("keyword.py").read_text() in texts, "a module shorter than a chunk is one record"
+    # chunks rejoin to the files, less the blank lines they were cut at
+    assert 0.97 < sum(map(len, texts)) / sum(map(len, sources)) <= 1
+    assert not any("class TestCase" in t for t in texts), "unittest/case.py is in a sub-package: not read"
+
+
 def test_fetch_hub_dataset_offline_from_the_cache(tmp_path):
     """A hub id with no network: the snapshot `hf download --repo-type dataset` leaves in the cache is used."""
     hf_home = tmp_path / "hf"
@@ -236,6 +250,15 @@ def test_empty_dataset_is_refused(tmp_path, content):
     src.write_text(content)
     out = tmp_path / "raw"
     assert_fails(fetch_cli({"path": str(src)}, out, tmp_path / "hf"), out, str(src), "empty" if not content else "no records")
+
+
+def test_folder_mixing_formats_is_refused(tmp_path):
+    write_jsonl(tmp_path / "src" / "a.jsonl", RECORDS[:20])
+    datasets.Dataset.from_list(RECORDS[20:]).to_csv(str(tmp_path / "src" / "b.csv"), index=False)
+    out = tmp_path / "raw"
+    with pytest.raises(StageError, match=r"mixes file formats \['csv', 'json'\]; put one format per dataset"):
+        fetch({"path": str(tmp_path / "src")}, str(out))
+    assert not out.exists() and not list(tmp_path.glob(".raw*"))
 
 
 def test_folder_without_data_files_is_refused(tmp_path):
@@ -306,12 +329,27 @@ def test_text_blocks_are_the_records_joined_by_eos(tmp_path, text_raw, bpe_dir):
     text = tokenizer.decode(stream)
     order = split_indices(len(RECORDS), settings)["train"]
     assert text.startswith("<|endoftext|>".join(RECORDS[i]["text"] for i in order[:3]))
-    split = stats["splits"]["train"]
-    assert split["blocks"] == split["tokens"] // 16 and split["masked_share"] == 0
-    assert split["dropped_share"] == round(1 - split["blocks"] * 16 / split["tokens"], 4)
+    assert stats["splits"]["train"]["masked_share"] == 0
     assert stats["total"]["records"] == len(RECORDS) and stats["total"]["tokens"] == sum(
         s["tokens"] for s in stats["splits"].values())
     assert read_manifest(tmp_path / "out")["settings"]["block_size"] == 16
+
+
+def test_stats_count_blocks_and_the_dropped_tail_by_hand(tmp_path, bpe_dir):
+    """30 one-letter records: each is 2 tokens (a byte, then eos), so every count is known in advance."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCD"
+    raw = tmp_path / "raw"
+    fetch({"path": str(write_jsonl(tmp_path / "letters.jsonl", [{"text": c} for c in letters]))}, str(raw))
+    stats = prepare(str(raw), str(bpe_dir), str(tmp_path / "out"),
+                    PrepareSettings(block_size=5, val_fraction=0.1, test_fraction=0.1))
+    # 24 train records = 48 tokens = 9 blocks of 5 + 3 dropped; val and test: 3 records = 6 tokens = 1 block + 1
+    splits = stats["splits"]
+    assert {s: (splits[s]["tokens"], splits[s]["blocks"]) for s in splits} == {
+        "train": (48, 9), "val": (6, 1), "test": (6, 1)}
+    assert splits["train"]["dropped_share"] == pytest.approx(3 / 48, abs=1e-4)
+    assert splits["val"]["dropped_share"] == splits["test"]["dropped_share"] == pytest.approx(1 / 6, abs=1e-4)
+    assert stats["total"]["dropped_share"] == pytest.approx(5 / 60, abs=1e-4)
+    assert len(datasets.load_from_disk(str(tmp_path / "out" / "train"))) == 9
 
 
 def test_instruction_prompts_are_masked_and_responses_learned(tmp_path, dolly_raw, bpe_dir):
@@ -380,6 +418,28 @@ def test_empty_records_are_skipped_and_counted(tmp_path, bpe_dir):
     assert stats["total"]["records"] == 26 and stats["total"]["empty_records"] == 6
 
 
+def test_template_without_response_field_is_refused_before_tokenizing(tmp_path, dolly_raw, bpe_dir):
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match=r"a `template:` needs a `response_field:`"):
+        prepare(str(dolly_raw), str(bpe_dir), str(out), PrepareSettings(template=TEMPLATE))
+    assert not out.exists()
+
+
+def test_too_few_records_for_three_splits_is_a_clear_error(tmp_path, bpe_dir):
+    """Each split takes at least one record: 3 records are enough, 2 are not."""
+    parts = split_indices(3, PrepareSettings())
+    assert sorted(len(part) for part in parts.values()) == [1, 1, 1] and sorted(sum(parts.values(), [])) == [0, 1, 2]
+    with pytest.raises(StageError, match="dataset has 2 records: too few for train/val/test splits; add data"):
+        split_indices(2, PrepareSettings())
+    with pytest.raises(StageError, match="has 2 records: too few"):  # max_records counts too
+        split_indices(100, PrepareSettings(max_records=2))
+    raw = tmp_path / "raw"
+    fetch({"path": str(write_jsonl(tmp_path / "two.jsonl", RECORDS[:2]))}, str(raw))
+    with pytest.raises(StageError, match="too few for train/val/test splits"):
+        prepare(str(raw), str(bpe_dir), str(tmp_path / "out"), PrepareSettings(block_size=4))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_too_few_tokens_for_a_block_is_a_clear_error(tmp_path, text_raw, bpe_dir):
     out = tmp_path / "out"
     with pytest.raises(StageError, match="fewer than one block of 100000; lower block_size"):
@@ -387,34 +447,31 @@ def test_too_few_tokens_for_a_block_is_a_clear_error(tmp_path, text_raw, bpe_dir
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-# ---------------------------------------------------------------- the workflow: fetch is not redone for tokenization
+# ---------------------------------------------------------------- the tokenizer a scratch model trains on the data
 
 
-def test_changing_block_size_reprepares_without_fetching_again(tmp_path):
-    workdir = tmp_path / "wf"
-    workdir.mkdir()
-    for item in ("Snakefile", "rules", "steps", "config"):
-        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, workdir / item)
-    small = workdir / "small.yaml"
-    small.write_text("models: {teacher: {tokenizer: {vocab_size: 300}}}\ndata: {dataset: pydoc, max_records: 60, block_size: 64}\n")
-    bigger = workdir / "bigger.yaml"
-    bigger.write_text("data: {block_size: 32}\n")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+def test_tokenizer_vocabulary_has_a_floor_of_300():
+    """256 byte tokens and the special token fit with room for merges; below 300 is refused in one line."""
+    from steps.tokenizer import train_bpe
 
-    def snakemake(*args, configs=("small.yaml",)):
-        cmd = [sys.executable, "-m", "snakemake", "data/pydoc/teacher", "--cores", "1", *args,
-               "--configfile", "config/config.yaml", *configs]
-        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        return result
+    texts = [r["text"] for r in RECORDS]
+    with pytest.raises(StageError, match="tokenizer vocab_size 299 is too small: byte-level BPE needs at least 300"):
+        train_bpe(texts, 299)
+    assert 257 < len(train_bpe(texts, 300)) <= 300
 
-    built = snakemake()
-    assert set(planned_jobs(built)) == {"fetch_data", "train_tokenizer", "prepare_data"}
-    assert planned_jobs(snakemake("-n")) == {}
-    changed = snakemake("-n", configs=("small.yaml", "bigger.yaml"))
-    assert planned_jobs(changed) == {"prepare_data": 1}
-    assert "params" in changed.stdout + changed.stderr  # the reason Snakemake gives: prepare_data's params changed
-    summary = snakemake("--summary", configs=("small.yaml", "bigger.yaml")).stdout
-    status = {line.split("\t")[0]: line for line in summary.splitlines() if line.startswith("data/")}
-    assert "ok" in status["data/pydoc/raw"].split("\t") and "no update" in status["data/pydoc/raw"]
-    assert "params" in status["data/pydoc/teacher"]
+
+def test_tokenizer_learns_the_text_prepare_will_tokenize(tmp_path, dolly_raw):
+    """A dataset without a `text` column: the tokenizer reads its `text_field` or renders its template."""
+    from transformers import AutoTokenizer
+
+    from steps.tokenizer import TokenizerSettings, run
+
+    run(str(dolly_raw), str(tmp_path / "field"), TokenizerSettings(vocab_size=300, text_field="response"))
+    run(str(dolly_raw), str(tmp_path / "template"),
+        TokenizerSettings(vocab_size=300, template=TEMPLATE, response_field="response"))
+    vocab = {name: AutoTokenizer.from_pretrained(str(tmp_path / name)).get_vocab() for name in ("field", "template")}
+    assert "Ġ30" in vocab["field"] and "###" not in vocab["field"]  # the responses only: "It is 30."
+    assert {"###", "ĠInstruction", "ĠResponse"} <= set(vocab["template"])  # the rendered prompts
+    with pytest.raises(StageError, match=r"field\(s\) \['body'\] named by `text_field:` missing"):
+        run(str(dolly_raw), str(tmp_path / "bad"), TokenizerSettings(vocab_size=300, text_field="body"))
+    assert not (tmp_path / "bad").exists()

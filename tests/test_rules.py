@@ -1,0 +1,131 @@
+"""What the rules promise, through Snakemake itself: what reruns when a source or a setting changes,
+what passes through, and which names fail at planning time.
+
+One copy of the workflow per module, where the cheap data rules (fetch, tokenizer, prepare) really run
+once on a small local jsonl; every test after that is a dry run (`-n`) against that build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import planned_jobs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = "data/local/teacher"  # the chain's data: the local dataset, tokenized with the teacher's tokenizer
+# a `path:` dataset whose text is in `body`: a format field, which belongs to prepare (and the tokenizer), not fetch
+CONFIG = """\
+datasets:
+  local: {path: src.jsonl, text_field: body}
+data: {dataset: local, block_size: 16}
+models: {teacher: {tokenizer: {vocab_size: 300}}}
+"""
+
+
+def snakemake(workdir: Path, *args: str, configs: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1",
+           "--configfile", "config/config.yaml", "rules.yaml", *configs]  # --configfile takes every word after it
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def job_blocks(result: subprocess.CompletedProcess) -> list[dict[str, str]]:
+    """The planned jobs of a dry run: rule, and each `key: value` line Snakemake prints (input, output, reason)."""
+    text = result.stdout + result.stderr
+    blocks = []
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", text, flags=re.M)[1:]:
+        job = {"rule": re.match(r"(?:local)?rule (\w+):", block)[1]}
+        job.update(re.findall(r"^    (\w+): (.*)$", block, re.M))
+        blocks.append(job)
+    return blocks
+
+
+def reason(result: subprocess.CompletedProcess, rule: str) -> str:
+    (job,) = [job for job in job_blocks(result) if job["rule"] == rule]
+    return job["reason"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the workflow with the local dataset fetched, a tokenizer trained on it and the data prepared."""
+    workdir = tmp_path_factory.mktemp("rules")
+    for item in ("Snakefile", "rules", "steps", "config"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
+    (workdir / "src.jsonl").write_text(
+        "".join(json.dumps({"body": f"Record {i} says hello to the small world of tests.", "id": i}) + "\n"
+                for i in range(40)))
+    (workdir / "rules.yaml").write_text(CONFIG)
+    built = snakemake(workdir, DATA)
+    assert planned_jobs(built) == {"fetch_data": 1, "train_tokenizer": 1, "prepare_data": 1}
+    return workdir
+
+
+def test_a_built_target_has_nothing_to_do(workdir):
+    assert planned_jobs(snakemake(workdir, "-n", DATA)) == {}
+
+
+def test_block_size_reprepares_without_fetching_again(workdir, tmp_path):
+    override = tmp_path / "block8.yaml"
+    override.write_text("data: {block_size: 8}\n")
+    result = snakemake(workdir, "-n", DATA, configs=(str(override),))
+    assert planned_jobs(result) == {"prepare_data": 1}
+    why = reason(result, "prepare_data")
+    assert why.startswith("Params have changed since last execution") and '"block_size": 8' in why, why
+
+
+def test_a_format_field_reprepares_and_retrains_the_tokenizer_without_fetching_again(workdir, tmp_path):
+    """`text_field` says how records become text: prepare and the tokenizer (which learns that text) rerun."""
+    override = tmp_path / "field.yaml"
+    override.write_text("datasets: {local: {path: src.jsonl, text_field: id}}\n")
+    result = snakemake(workdir, "-n", DATA, configs=(str(override),))
+    assert planned_jobs(result) == {"train_tokenizer": 1, "prepare_data": 1}
+    assert '"text_field": "id"' in reason(result, "train_tokenizer")
+
+
+def test_editing_a_path_dataset_fetches_it_again(workdir):
+    src = workdir / "src.jsonl"
+    original, stat = src.read_text(), src.stat()
+    try:
+        src.write_text(original + json.dumps({"body": "One more record.", "id": 40}) + "\n")
+        result = snakemake(workdir, "-n", DATA)
+        assert planned_jobs(result) == {"fetch_data": 1, "train_tokenizer": 1, "prepare_data": 1}
+        assert "src.jsonl" in reason(result, "fetch_data")  # Snakemake's reason: updated input files
+    finally:
+        src.write_text(original)
+        os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as it was: later tests see no edit
+
+
+def test_quant_none_evaluates_the_recovered_model_itself(workdir):
+    """`none` is no quantize job and no copy: the quant/none evaluation reads the recovered directory."""
+    result = snakemake(workdir, "-n", "results/teacher_student_none.eval")
+    jobs = planned_jobs(result)
+    assert "quantize" not in jobs and jobs["recover"] == 1 and jobs["evaluate"] == 6
+    (job,) = [job for job in job_blocks(result) if job.get("output") == "evals/default/teacher_student/quant/none.json"]
+    assert job["input"].split(", ")[0] == "models/default/teacher_student/recovered"
+
+
+@pytest.mark.parametrize("target,message", [
+    ("results/llama_student_int8.eval",
+     "unknown model alias 'llama'; known: student, teacher (add it under `models:` in the config)"),
+    ("results/nope/teacher_student_int8.eval",
+     "unknown recipe 'nope'; known: lora16 (add it under `recipes:` in the config)"),
+    ("results/teacher_student_int9.eval",
+     "unknown quant method 'int9'; known: bf16, fp16, fp4, gguf-q4, gguf-q8, gptq4, gptq8, int8, nf4, none, rtn4"
+     " (see `quantize.methods`)"),
+], ids=["alias", "recipe", "quant"])
+def test_unknown_names_fail_at_planning_time_in_one_line(workdir, target, message):
+    result = snakemake(workdir, "-n", target, check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "Job stats" not in text, "failed while planning, before any job"
+    assert f"ValueError: {message}\n" in text, text[-2000:]
