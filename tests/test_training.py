@@ -70,6 +70,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(model_dir, data_
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
+        blocks = load_split(data_dir, "train")
+        unbroken = load_model(model_dir)  # trained while the child starts up
+        train(unbroken, blocks, next_token_loss, settings)
         deadline = time.time() + 120
         while not (ckpt / "state.json").exists():
             assert child.poll() is None, child.stderr.read()[-2000:]
@@ -81,12 +84,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_run(model_dir, data_
     assert child.returncode == -signal.SIGKILL
     assert json.loads((ckpt / "state.json").read_text())["step"] == 3
 
-    blocks = load_split(data_dir, "train")
     resumed = load_model(model_dir)
     history = train(resumed, blocks, next_token_loss, settings, ckpt, run_key(settings, model_dir, data_dir))
     assert [row["step"] for row in history] == [4, 5, 6, 7]
-    unbroken = load_model(model_dir)
-    train(unbroken, blocks, next_token_loss, settings)
     assert_same_weights(unbroken, resumed)
 
 
