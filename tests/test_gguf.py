@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,7 +215,7 @@ def test_sentencepiece_tokenizer_round_trips_with_byte_fallback(sentencepiece_mo
 
 def test_other_tokenizer_models_are_refused_before_writing(gqa_model, tmp_path):
     broken = tmp_path / "unigram"
-    subprocess.run(["cp", "-r", str(gqa_model), str(broken)], check=True)
+    shutil.copytree(gqa_model, broken)
     tokenizer = json.loads((broken / "tokenizer.json").read_text())
     tokenizer["model"]["type"] = "Unigram"
     (broken / "tokenizer.json").write_text(json.dumps(tokenizer))

@@ -84,7 +84,7 @@ def offline(monkeypatch, hub):
 def base_cli(spec: dict, out: Path, hub: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(hub.parent)}
     return subprocess.run([sys.executable, "-m", "steps.base", "--spec", json.dumps(spec), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, env=env)
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -177,7 +177,7 @@ def test_path_and_hub_aliases_in_the_dag(tmp_path, hub):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "results/big-d_small_int8.eval",
          "--configfile", str(REPO / "config" / "config.yaml"), str(extra)],
-        cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-3000:]
@@ -230,7 +230,7 @@ def test_distill_refuses_mismatched_vocabularies_before_training(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "steps.distill", "--teacher", str(dirs["teacher"]), "--student", str(dirs["student"]),
          "--data", str(tmp_path / "data"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     line = last_line(result)
     assert "different vocabularies" in line and str(dirs["teacher"]) in line and str(dirs["student"]) in line
