@@ -20,37 +20,28 @@ def test_sliding_windows_score_every_token_once(length, context, stride):
     assert scored == list(range(length))
 
 
-class Uniform(torch.nn.Module):
-    """A model that knows nothing: equal logits over the vocabulary."""
+class Bigram(torch.nn.Module):
+    """Logits from the previous token only: its successor x+1 (mod vocab) gets `successor_logit`, every other
+    token 0. The default gives the successor probability 1/2 (1/(2(vocab-1)) each other); 0 is a uniform
+    model that knows nothing."""
 
-    def __init__(self, vocab):
+    def __init__(self, vocab, successor_logit=None):
         super().__init__()
         self.vocab = vocab
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids):
-        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})
-
-
-def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
-    ids = torch.randint(0, 50, (300,))
-    result = perplexity(Uniform(50), ids, ids.clone(), EvaluateSettings(context=32, stride=16))
-    assert math.isclose(result["perplexity"], 50, rel_tol=1e-4)
-    assert result["scored_tokens"] == 299  # the first token has nothing to predict it
-
-
-class Successor(torch.nn.Module):
-    """A bigram model: after token x it gives x+1 (mod vocab) probability 1/2, every other token 1/(2(vocab-1))."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab = vocab
+        self.successor_logit = math.log(vocab - 1) if successor_logit is None else successor_logit
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, input_ids):
         logits = torch.zeros(*input_ids.shape, self.vocab)
-        logits.scatter_(-1, ((input_ids + 1) % self.vocab).unsqueeze(-1), math.log(self.vocab - 1))
+        logits.scatter_(-1, ((input_ids + 1) % self.vocab).unsqueeze(-1), self.successor_logit)
         return type("Out", (), {"logits": logits})
+
+
+def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
+    ids = torch.randint(0, 50, (300,))
+    result = perplexity(Bigram(50, successor_logit=0.0), ids, ids.clone(), EvaluateSettings(context=32, stride=16))
+    assert math.isclose(result["perplexity"], 50, rel_tol=1e-4)
+    assert result["scored_tokens"] == 299  # the first token has nothing to predict it
 
 
 def test_prompt_tokens_are_not_scored():
@@ -63,7 +54,7 @@ def test_prompt_tokens_are_not_scored():
     for t in range(1, 64):
         ids[t] = (ids[t - 1] + (1 if labelled[t] else 3)) % vocab
     labels = torch.where(labelled, ids, torch.tensor(-100))
-    result = perplexity(Successor(vocab), ids, labels, EvaluateSettings(context=16, stride=8))
+    result = perplexity(Bigram(vocab), ids, labels, EvaluateSettings(context=16, stride=8))
     assert result["scored_tokens"] == 64 - 12 - 11
     assert math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
 
@@ -71,7 +62,7 @@ def test_prompt_tokens_are_not_scored():
 def test_every_token_is_scored_once_by_the_model():
     # All tokens predictable: a token scored twice or skipped changes the count, a wrong target the perplexity.
     ids = torch.arange(100) % 10
-    result = perplexity(Successor(10), ids, ids.clone(), EvaluateSettings(context=16, stride=5))
+    result = perplexity(Bigram(10), ids, ids.clone(), EvaluateSettings(context=16, stride=5))
     assert result["scored_tokens"] == 99 and math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
 
 
