@@ -77,6 +77,30 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("model") / "tiny", tokenizer_dir)
 
 
+def copy_workflow(dest: Path) -> Path:
+    """A private copy of the workflow (Snakefile, rules, steps, configs) to build in, or edit, apart from the repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ("Snakefile", "rules", "steps", "config", "tests/config"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / item)
+    return dest
+
+
+def run_snakemake(workdir: Path, *args: str, configs: list[str], cores: int = 1, check: bool = True,
+                  timeout: int = 600) -> subprocess.CompletedProcess:
+    """`snakemake ARGS --cores N --configfile CONFIGS` in `workdir` (the config files last: --configfile takes
+    every word after it); a failure ends the test with the tail of Snakemake's output."""
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", str(cores), "--configfile", *configs]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # rules call `python`
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
 def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run; empty when nothing is to be done."""
     text = result.stdout + result.stderr

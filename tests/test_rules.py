@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import planned_jobs
+from conftest import copy_workflow, planned_jobs, run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = "data/local/teacher"  # the chain's data: the local dataset, tokenized with the teacher's tokenizer
 # a `path:` dataset whose text is in `body`: a format field, which belongs to prepare (and the tokenizer), not fetch
 CONFIG = """\
@@ -30,13 +27,8 @@ models: {teacher: {tokenizer: {vocab_size: 300}}}
 
 
 def snakemake(workdir: Path, *args: str, configs: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1",
-           "--configfile", "config/config.yaml", "rules.yaml", *configs]  # --configfile takes every word after it
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_snakemake(workdir, *args, configs=["config/config.yaml", "rules.yaml", *configs], check=check,
+                         timeout=300)
 
 
 def job_blocks(result: subprocess.CompletedProcess) -> list[dict[str, str]]:
@@ -58,10 +50,7 @@ def reason(result: subprocess.CompletedProcess, rule: str) -> str:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A copy of the workflow with the local dataset fetched, a tokenizer trained on it and the data prepared."""
-    workdir = tmp_path_factory.mktemp("rules")
-    for item in ("Snakefile", "rules", "steps", "config"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
+    workdir = copy_workflow(tmp_path_factory.mktemp("rules"))
     (workdir / "src.jsonl").write_text(
         "".join(json.dumps({"body": f"Record {i} says hello to the small world of tests.", "id": i}) + "\n"
                 for i in range(40)))

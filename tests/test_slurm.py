@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -164,15 +165,9 @@ def cluster():
 # ---------------------------------------------------------------- running the workflow
 
 
-def copy_workflow(dest: Path) -> Path:
+def private_workflow(dest: Path) -> Path:
     """A private copy of the workflow, so the run is isolated from edits to the repo while it goes."""
-    dest.mkdir(parents=True)
-    for item in ("Snakefile", "rules", "steps", "config", "tests/config"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / item)
+    copy_workflow(dest)
     (dest / "resources.yaml").write_text(RESOURCES_CONFIG)
     return dest
 
@@ -311,7 +306,7 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(cluster, tmp_path_factory) -> Scenario:
     base = tmp_path_factory.mktemp("chains")
-    slurm_dir, local_dir = copy_workflow(base / "slurm"), copy_workflow(base / "local")
+    slurm_dir, local_dir = private_workflow(base / "slurm"), private_workflow(base / "local")
     profile = slurm_profile(base / "profile")
     env = cluster.env
     # The local run overlaps the SLURM runs, which mostly wait on status polls; niced, so that it only

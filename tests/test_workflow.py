@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import planned_jobs
+from conftest import copy_workflow, planned_jobs, run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/teacher_student_int8.eval"
 CHAIN = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
 BUILD = {}  # what the `built` fixture measured: its wall time
@@ -29,21 +25,13 @@ pytestmark = pytest.mark.slow  # every test here stands on the real chain built 
 
 def snakemake(workdir: Path, *args: str, extra_config: str = "", check: bool = True) -> subprocess.CompletedProcess:
     configs = ["tests/config/tiny.yaml", *([extra_config] if extra_config else [])]
-    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configs]  # nargs="+": last
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # rules call `python`
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_snakemake(workdir, *args, configs=configs, cores=2, check=check)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A copy of the workflow (so tests may edit its code) with the tiny chain built in it."""
-    workdir = tmp_path_factory.mktemp("workflow")
-    for item in ("Snakefile", "rules", "steps", "config", "tests/config"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     started = time.monotonic()
     snakemake(workdir, TARGET)
     BUILD["seconds"] = time.monotonic() - started
