@@ -136,10 +136,12 @@ GPTQ_ENV = {
 }
 
 
-@pytest.fixture
-def gptq_env(monkeypatch):
-    for name, value in GPTQ_ENV.items():
-        monkeypatch.setenv(name, value)
+@pytest.fixture(scope="module")
+def gptq_env():
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in GPTQ_ENV.items():
+            env.setenv(name, value)
+        yield
 
 
 # Two GPTQ quantizations shared by the tests below (calibration is the slow part):
@@ -148,14 +150,11 @@ GPTQ_CASES = {4: dict(group_size=32, desc_act=True), 8: dict(group_size=-1, desc
 
 
 @pytest.fixture(scope="module")
-def gptq_dirs(tmp_path_factory, model_dir, data_dir):
+def gptq_dirs(tmp_path_factory, model_dir, data_dir, gptq_env):
     root = tmp_path_factory.mktemp("gptq")
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in GPTQ_ENV.items():
-            env.setenv(name, value)
-        for bits, case in GPTQ_CASES.items():
-            settings = QuantizeSettings(scheme="gptq", bits=bits, calibration_blocks=16, **case)
-            run(str(model_dir), str(root / f"gptq{bits}"), settings, data_dir=str(data_dir))
+    for bits, case in GPTQ_CASES.items():
+        settings = QuantizeSettings(scheme="gptq", bits=bits, calibration_blocks=16, **case)
+        run(str(model_dir), str(root / f"gptq{bits}"), settings, data_dir=str(data_dir))
     return {bits: root / f"gptq{bits}" for bits in GPTQ_CASES}
 
 
