@@ -101,6 +101,22 @@ def run_snakemake(workdir: Path, *args: str, configs: list[str], cores: int = 1,
     return result
 
 
+def reference_kd(student_logits, teacher_logits, mask, temperature: float, beta: float) -> dict:
+    """Each KD loss by name, from torch.distributions position by position (not steps.losses' log-softmax
+    algebra): the mean over `mask` of the softened divergence, times T² (beta is the teacher's JSD weight)."""
+    from torch.distributions import Categorical, kl_divergence
+
+    p = Categorical(logits=teacher_logits / temperature)
+    q = Categorical(logits=student_logits / temperature)
+    m = Categorical(probs=beta * p.probs + (1 - beta) * q.probs)
+    per_position = {
+        "forward_kl": kl_divergence(p, q),
+        "reverse_kl": kl_divergence(q, p),
+        "jsd": beta * kl_divergence(p, m) + (1 - beta) * kl_divergence(q, m),
+    }
+    return {name: values[mask].mean() * temperature**2 for name, values in per_position.items()}
+
+
 def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
     """Rule -> job count from the 'Job stats' table of a dry run; empty when nothing is to be done."""
     text = result.stdout + result.stderr

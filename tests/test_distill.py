@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import make_model_dir
+from conftest import make_model_dir, reference_kd
 from steps.artifacts import read_manifest
 from steps.distill import DistillSettings, run
 from steps.evaluate import EvaluateSettings
@@ -72,8 +72,8 @@ def padded_teacher_dir(tmp_path_factory, teacher_dir, tokenizer_dir):
 
 
 def expected_losses(student, teacher, batch, vocab, temperature, beta, loss):
-    """KD and CE from torch.distributions, position by position (logits at i score the token at i+1)."""
-    from torch.distributions import Categorical, kl_divergence
+    """KD (conftest.reference_kd) and CE, position by position (logits at i score the token at i+1)."""
+    from torch.distributions import Categorical
 
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
@@ -81,14 +81,7 @@ def expected_losses(student, teacher, batch, vocab, temperature, beta, loss):
         t = teacher(input_ids=ids).logits[:, :-1, :vocab]
     target = labels[:, 1:]
     learned = target != -100
-    p, q = Categorical(logits=t / temperature), Categorical(logits=s / temperature)
-    m = Categorical(probs=beta * p.probs + (1 - beta) * q.probs)
-    per_position = {
-        "forward_kl": kl_divergence(p, q),
-        "reverse_kl": kl_divergence(q, p),
-        "jsd": beta * kl_divergence(p, m) + (1 - beta) * kl_divergence(q, m),
-    }[loss]
-    kd = per_position[learned].mean() * temperature**2
+    kd = reference_kd(s, t, learned, temperature, beta)[loss]
     ce = -Categorical(logits=s).log_prob(target.clamp(min=0))[learned].mean()
     return kd, ce
 

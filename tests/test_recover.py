@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -23,8 +26,6 @@ def test_lora_is_trained_and_merged_into_plain_weights(model_dir, data_dir, tmp_
 
 
 def test_bad_target_modules_fail_clearly(model_dir, data_dir, tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit, match="target_modules"):
         run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(target_modules=["nope"], train=TRAIN))
     assert not (tmp_path / "r").exists()
@@ -42,10 +43,6 @@ def test_same_settings_give_the_same_weights(model_dir, data_dir, tmp_path):
 
 def test_checkpoint_survives_when_the_output_cannot_be_written(model_dir, data_dir, tmp_path):
     """The checkpoint goes only after the output is in place: a failed write leaves the rerun its progress."""
-    import json
-
-    import pytest
-
     (tmp_path / "blocked").write_text("a file where the output's parent directory should be")
     ckpt = tmp_path / "ckpt"
     settings = RecoverSettings(rank=2, target_modules=["q_proj"], train={**TRAIN, "steps": 2, "checkpoint_every": 2})
@@ -55,8 +52,6 @@ def test_checkpoint_survives_when_the_output_cannot_be_written(model_dir, data_d
 
 
 def test_fsdp_is_refused_before_the_model_is_loaded(model_dir, data_dir, tmp_path, monkeypatch):
-    import pytest
-
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
     with pytest.raises(SystemExit, match="recover trains small LoRA adapters: use parallel: ddp"):
         run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(train={**TRAIN, "parallel": "fsdp"}))
