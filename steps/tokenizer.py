@@ -48,15 +48,14 @@ def train_bpe(texts, vocab_size: int):
 def run(raw_dir: str, out: str, settings: TokenizerSettings) -> None:
     from datasets import load_from_disk
 
-    started = time.time()
     from steps.data import PrepareSettings, check_fields, record_to_pieces
 
+    started = time.time()
     data = load_from_disk(raw_dir)
     fields = PrepareSettings(text_field=settings.text_field, template=settings.template,
                              response_field=settings.response_field)
     check_fields(data.column_names, fields, raw_dir)  # one line naming the missing field, before training
-    texts = ["".join(record_to_pieces(record, fields)) for record in data] if fields.template else [
-        text for text in data[fields.text_field] if text]
+    texts = [text for record in data if (text := "".join(record_to_pieces(record, fields)))]  # prompt + target
     tokenizer = train_bpe(texts, settings.vocab_size)
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))
