@@ -52,7 +52,7 @@ def test_defaults_are_filled_in():
     [
         (("distill", "temprature"), 2.0, "Additional properties are not allowed"),
         (("distill", "loss"), "kl", "is not one of"),
-        (("prune", "ratio"), "half", "is not of type"),
+        (("prune", "ratios"), {"intermediate_size": "half"}, "is not of type"),
         (("models", "bad_alias"), {"path": "x"}, "does not match"),
     ],
 )

@@ -114,7 +114,7 @@ def test_merging_over_the_demo_config_changes_nothing_in_the_plan(tmp_path):
                        extra=("--replace-workflow-config",))
     plan = lambda text: sorted(sorted(job.items()) for job in jobs(text))  # noqa: E731 -- job order varies per run
     assert job_counts(merged) == job_counts(replaced) and plan(merged) == plan(replaced)
-    assert '"ratio": 0.4' in merged  # the recipe's override reached its prune job
+    assert '"intermediate_size": 0.4' in merged  # the recipe's override reached its prune job
 
 
 def test_llama_settings_restate_every_demo_key():

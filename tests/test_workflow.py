@@ -88,7 +88,7 @@ def test_lora_rank_change_reruns_only_recover_and_downstream(built, tmp_path):
 
 
 def test_editing_a_step_reruns_that_stage_and_downstream(built):
-    prune = built / "steps" / "prune.py"
+    prune = built / "steps" / "prune" / "surgery.py"  # a module inside the stage's package
     original = prune.read_text()
     try:
         prune.write_text(original + "\n# an edit\n")
