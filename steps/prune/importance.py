@@ -1,0 +1,265 @@
+"""Importance scores for structured pruning of Llama-family decoders; higher = more important (keep).
+
+Width units: query heads, key/value heads, MLP channels, hidden channels. Criteria:
+
+- `magnitude`: sum over the unit's weight slices of their L2 (Frobenius) norms. Needs no data.
+- `taylor`: first-order Taylor |w * dL/dw| summed over the same slices (and biases), gradients of
+  next-token CE on calibration batches (LLM-Pruner, arXiv:2305.11627).
+- `activation`: L2 norm of the unit's activations on calibration batches, forward passes only:
+  attention heads at o_proj's input, KV heads at k/v_proj's outputs, MLP channels at down_proj's input,
+  hidden channels at every RMSNorm's output (Minitron, arXiv:2407.14679, section 2.2).
+- `random`: seeded uniform scores, the baseline every pruning paper reports.
+
+Depth (one score per decoder layer):
+
+- `block_influence`: 1 - cosine(hidden state entering the layer, leaving it), averaged over tokens
+  (ShortGPT, arXiv:2403.03853).
+- `perplexity`: increase of the calibration CE loss when the layer is skipped (ShortGPT's and
+  Minitron's depth baseline).
+- `random`: as above.
+
+Calibration batches are 8 train blocks each, drawn with a seeded generator; every score comes back
+as a detached float32 CPU tensor, and the model is left as it was (no grads, no hooks, same layers).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from steps.artifacts import StageError
+from steps.losses import shifted_ce
+
+WIDTH_CRITERIA = ("magnitude", "taylor", "activation", "random")
+LAYER_CRITERIA = ("block_influence", "perplexity", "random")
+
+
+@dataclass
+class WidthScores:
+    heads: list[torch.Tensor]  # per layer, (num_attention_heads,)
+    kv: list[torch.Tensor]  # per layer, (num_key_value_heads,): the KV heads' own weights/activations only
+    mlp: list[torch.Tensor]  # per layer, (intermediate_size,)
+    hidden: torch.Tensor  # (hidden_size,)
+
+
+def calibration_batches(blocks, batches: int, seed: int):
+    """`batches` dicts of 8 random train blocks (input_ids, labels), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        rows = blocks[torch.randint(len(blocks), (8,), generator=g).tolist()]
+        yield {"input_ids": rows["input_ids"], "labels": rows["labels"]}
+
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    if layers is None or not all(_has(layer, name) for layer in layers for name in needed):
+        raise StageError(f"{type(model).__name__} is not a Llama-style decoder (self_attn.q/k/v/o_proj, "
+                         "mlp.gate/up/down_proj, input/post_attention_layernorm): pick a llama, mistral or qwen2 model")
+    return list(layers)
+
+
+def _has(module, dotted: str) -> bool:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module is not None
+
+
+@contextmanager
+def _calibrating(model):
+    """eval mode (no dropout) for calibration forwards; the training flag comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _loss(model, batch, device) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
+    return shifted_ce(logits, batch["labels"].to(device))
+
+
+# ---------------------------------------------------------------- width
+
+
+def _per_unit(t: torch.Tensor, dim: int, units: int, how: str) -> torch.Tensor:
+    """Reduce `t` to one value per unit along `dim` (units are contiguous, equal slices): L2 norm or sum of |.|."""
+    x = t.detach().float().movedim(dim, 0).reshape(units, -1)
+    return x.norm(dim=1) if how == "norm" else x.abs().sum(1)
+
+
+def _slice_scores(model, value, how: str, biases: bool) -> WidthScores:
+    """Sum per unit over every weight slice it owns; `value(param)` is w (magnitude) or w * grad (taylor)."""
+    def term(param, dim, units):
+        return _per_unit(value(param), dim, units, how)
+
+    heads, kv, mlp = [], [], []
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    hidden = term(embed, 1, embed.shape[1])
+    if head is not embed:  # a tied matrix counts once
+        hidden = hidden + term(head, 1, embed.shape[1])
+    hidden = hidden + term(model.model.norm.weight, 0, embed.shape[1])
+    for layer in decoder_layers(model):
+        attn, ffn = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        n_q, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        heads.append(term(attn.q_proj.weight, 0, n_q) + term(attn.o_proj.weight, 1, n_q))
+        kv.append(term(attn.k_proj.weight, 0, n_kv) + term(attn.v_proj.weight, 0, n_kv))
+        mlp.append(term(ffn.gate_proj.weight, 0, ffn.gate_proj.out_features)
+                   + term(ffn.up_proj.weight, 0, ffn.up_proj.out_features)
+                   + term(ffn.down_proj.weight, 1, ffn.down_proj.in_features))
+        n_hidden = hidden.shape[0]
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            hidden = hidden + term(norm.weight, 0, n_hidden)
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
+            hidden = hidden + term(linear.weight, 1, n_hidden)
+        for linear in (attn.o_proj, ffn.down_proj):
+            hidden = hidden + term(linear.weight, 0, n_hidden)
+        if biases:
+            for linear, scores, units in ((attn.q_proj, heads, n_q), (attn.k_proj, kv, n_kv), (attn.v_proj, kv, n_kv),
+                                          (ffn.gate_proj, mlp, None), (ffn.up_proj, mlp, None)):
+                if linear.bias is not None:
+                    scores[-1] = scores[-1] + term(linear.bias, 0, units or linear.out_features)
+            for linear in (attn.o_proj, ffn.down_proj):
+                if linear.bias is not None:
+                    hidden = hidden + term(linear.bias, 0, n_hidden)
+    return WidthScores(heads, kv, mlp, hidden)
+
+
+def _taylor(model, blocks, batches: int, seed: int) -> WidthScores:
+    model.zero_grad(set_to_none=True)
+    try:
+        with _calibrating(model) as device:
+            for batch in calibration_batches(blocks, batches, seed):
+                _loss(model, batch, device).backward()
+        return _slice_scores(model, lambda p: p * p.grad if p.grad is not None else torch.zeros_like(p), "abs", True)
+    finally:
+        model.zero_grad(set_to_none=True)  # no gradients leak into the pruned model
+
+
+def _activation(model, blocks, batches: int, seed: int) -> WidthScores:
+    """Per unit: L2 norm over a sequence's positions (and head_dim), averaged over the calibration sequences."""
+    layers = decoder_layers(model)
+    sums, hooks = {}, []
+
+    def record(key, units, tensor):
+        b, t = tensor.shape[:2]
+        norms = tensor.detach().float().reshape(b, t, units, -1).pow(2).sum((1, 3)).sqrt().sum(0)
+        sums[key] = sums.get(key, 0) + norms.cpu()
+
+    def on_input(key, units):
+        return lambda module, args: record(key, units, args[0])
+
+    def on_output(key, units):
+        return lambda module, args, out: record(key, units, out)
+
+    n_hidden = model.get_input_embeddings().weight.shape[1]
+    norms = [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    try:
+        for i, layer in enumerate(layers):
+            attn, ffn = layer.self_attn, layer.mlp
+            n_q, n_kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+            hooks += [attn.o_proj.register_forward_pre_hook(on_input(("heads", i), n_q)),
+                      attn.k_proj.register_forward_hook(on_output(("kv", i), n_kv)),
+                      attn.v_proj.register_forward_hook(on_output(("kv", i), n_kv)),
+                      ffn.down_proj.register_forward_pre_hook(on_input(("mlp", i), ffn.down_proj.in_features))]
+        hooks += [norm.register_forward_hook(on_output("hidden", n_hidden)) for norm in norms]
+        rows = 0
+        with torch.no_grad(), _calibrating(model) as device:
+            for batch in calibration_batches(blocks, batches, seed):
+                model(input_ids=batch["input_ids"].to(device), use_cache=False)
+                rows += batch["input_ids"].shape[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mean = {key: value / max(rows, 1) for key, value in sums.items()}
+    return WidthScores([mean["heads", i] for i in range(len(layers))], [mean["kv", i] for i in range(len(layers))],
+                       [mean["mlp", i] for i in range(len(layers))], mean["hidden"])
+
+
+def width_scores(model, blocks, importance: str, batches: int, seed: int) -> WidthScores:
+    """Scores of every query head, KV head, MLP channel (per layer) and hidden channel under `importance`."""
+    if importance == "magnitude":
+        return _slice_scores(model, lambda p: p, "norm", False)
+    if importance == "taylor":
+        return _taylor(model, blocks, batches, seed)
+    if importance == "activation":
+        return _activation(model, blocks, batches, seed)
+    if importance == "random":
+        g = torch.Generator().manual_seed(seed)
+        attns, layers = [layer.self_attn for layer in decoder_layers(model)], decoder_layers(model)
+        return WidthScores([torch.rand(a.q_proj.out_features // a.head_dim, generator=g) for a in attns],
+                           [torch.rand(a.k_proj.out_features // a.head_dim, generator=g) for a in attns],
+                           [torch.rand(layer.mlp.down_proj.in_features, generator=g) for layer in layers],
+                           torch.rand(model.get_input_embeddings().weight.shape[1], generator=g))
+    raise StageError(f"unknown importance {importance!r}; choose one of {', '.join(WIDTH_CRITERIA)}")
+
+
+# ---------------------------------------------------------------- depth
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: hidden states leave as they came."""
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return hidden_states
+
+
+def _block_influence(model, blocks, batches: int, seed: int) -> torch.Tensor:
+    layers = decoder_layers(model)
+    totals, count = torch.zeros(len(layers)), [0] * len(layers)
+
+    def hook(i):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            totals[i] += (1 - cos).sum().cpu()
+            count[i] += cos.numel()
+        return record
+
+    hooks = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad(), _calibrating(model) as device:
+            for batch in calibration_batches(blocks, batches, seed):
+                model(input_ids=batch["input_ids"].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return totals / torch.tensor(count).clamp(min=1)
+
+
+def _perplexity(model, blocks, batches: int, seed: int) -> torch.Tensor:
+    layers = decoder_layers(model)
+    original = model.model.layers
+
+    def mean_loss(device):
+        losses = [_loss(model, batch, device).item() for batch in calibration_batches(blocks, batches, seed)]
+        return sum(losses) / max(len(losses), 1)
+
+    scores = []
+    with torch.no_grad(), _calibrating(model) as device:
+        full = mean_loss(device)
+        try:
+            for i in range(len(layers)):
+                model.model.layers = torch.nn.ModuleList(layers[:i] + [_PassThrough()] + layers[i + 1:])
+                scores.append(mean_loss(device) - full)
+        finally:
+            model.model.layers = original
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def layer_scores(model, blocks, criterion: str, batches: int, seed: int) -> torch.Tensor:
+    """One score per decoder layer under `criterion`; higher = more important."""
+    if criterion == "block_influence":
+        return _block_influence(model, blocks, batches, seed)
+    if criterion == "perplexity":
+        return _perplexity(model, blocks, batches, seed)
+    if criterion == "random":
+        return torch.rand(len(decoder_layers(model)), generator=torch.Generator().manual_seed(seed))
+    raise StageError(f"unknown layer importance {criterion!r}; choose one of {', '.join(LAYER_CRITERIA)}")
