@@ -17,6 +17,12 @@ def _one_of(names):
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
+def pruned_aliases(pruned=True):
+    """Aliases made by pruning another one (`prune_of:`), or the others: with these as the two rules'
+    constraints, `models/base/{alias}` has one producer, prune_model or base_model."""
+    return _one_of(alias for alias, spec in config["models"].items() if ("prune_of" in spec) == pruned)
+
+
 wildcard_constraints:
     teacher=NAME,
     student=NAME,
@@ -91,16 +97,30 @@ def raw_dir(dataset):
 def data_dir(alias):
     """Chain data: the configured dataset, tokenized with `alias`'s tokenizer.
 
-    A derived alias keeps the tokenizer of its chain's student, so it reads that student's data
-    instead of tokenizing the same text again after the whole upstream chain.
+    A derived alias keeps the tokenizer of its chain's student, and a pruned alias its source's, so
+    each reads that model's data instead of tokenizing the same text again after the upstream jobs.
     """
     if "from" in model_spec(alias):
         return data_dir(model_spec(alias)["from"].partition("_")[2])
+    if "prune_of" in model_spec(alias):
+        return data_dir(prune_source(alias))
     return f"data/{config['data']['dataset']}/{alias}"
+
+
+def prune_source(alias):
+    """The alias that `alias` is pruned from: a known one, and not `alias` again down a `prune_of` line."""
+    line = [alias]
+    while "prune_of" in model_spec(line[-1]):
+        line.append(model_spec(line[-1])["prune_of"])
+        if line[-1] in line[:-1]:
+            raise ValueError(f"model alias {alias!r} is pruned from itself: {' -> '.join(line)} (fix its `prune_of:`)")
+    return line[1]
 
 
 def tokenizer_dir(alias):
     spec = model_spec(alias)
+    if "prune_of" in spec:  # pruning keeps the vocabulary: the source's tokenizer, ready before pruning
+        return tokenizer_dir(prune_source(alias))
     if "scratch" in spec:
         tokenizer = spec.get("tokenizer", {})
         return tokenizer_dir(tokenizer["from"]) if "from" in tokenizer else f"models/tokenizer/{alias}"
@@ -149,6 +169,12 @@ def base_inputs(wildcards):
         if spec.get("pretrain"):
             inputs["data"] = data_dir(wildcards.alias)
     return inputs
+
+
+def prune_inputs(wildcards):
+    """The source model, and calibration data from the chain's dataset in the source's tokens."""
+    source = prune_source(wildcards.alias)
+    return {"model": base_dir(source), "data": data_dir(source)}
 
 
 def base_args(wildcards, input):
@@ -214,6 +240,12 @@ def settings_for(name):
 
 def model_spec_json(wildcards):
     return as_json(model_spec(wildcards.alias))
+
+
+def alias_prune_settings(wildcards):
+    """A pruned alias's own `prune:` entry (PruneSettings defaults fill the rest; the chain's `prune:` section
+    is not merged in, so a chain setting never rebuilds a base model)."""
+    return as_json(model_spec(wildcards.alias)["prune"])
 
 
 def tokenizer_settings(wildcards):

@@ -1,4 +1,5 @@
-# Base models: train a tokenizer for scratch models, materialise hub / scratch models.
+# Base models: train a tokenizer for scratch models, materialise hub / scratch / gguf models
+# (a `prune_of` alias is made by rule prune_model in prune.smk).
 
 
 rule train_tokenizer:
@@ -22,6 +23,8 @@ rule base_model:
         unpack(base_inputs),
     output:
         directory("models/base/{alias}"),
+    wildcard_constraints:
+        alias=pruned_aliases(False),
     params:
         spec=model_spec_json,
         args=base_args,

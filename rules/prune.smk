@@ -1,4 +1,5 @@
-# Prune: structured removal of MLP channels (steps/prune.py).
+# Prune: structured removal of heads, KV groups, MLP channels, hidden channels and layers (steps/prune/),
+# in a chain (prune) or to make a model alias from another one (prune_model: Minitron's pruned teacher).
 
 
 rule prune:
@@ -15,6 +16,26 @@ rule prune:
         **rule_resources("prune"),
     log:
         "logs/prune/{recipe}/{teacher}_{student}.log",
+    shell:
+        "{params.launch} steps.prune --model {input.model} --data {input.data}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule prune_model:
+    input:
+        unpack(prune_inputs),
+    output:
+        directory("models/base/{alias}"),
+    wildcard_constraints:
+        alias=pruned_aliases(),
+    params:
+        settings=alias_prune_settings,
+        code=code_fingerprint("prune"),
+        launch=launcher("prune_model"),
+    resources:
+        **rule_resources("prune_model"),
+    log:
+        "logs/prune_model/{alias}.log",
     shell:
         "{params.launch} steps.prune --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
