@@ -1,137 +1,205 @@
-"""Prune: structured removal of MLP channels from a Llama-family model.
+"""Prune: structured removal of layers, attention heads, KV groups, MLP channels and hidden channels.
 
     python -m steps.prune --model DIR --data DIR --out DIR --settings JSON
 
-Every decoder layer keeps the same number of intermediate channels (the HF
-config has one `intermediate_size`), chosen per layer by importance:
+What to remove is said per HF config key (shape.AXES), either as `ratios` (the
+share removed) or as a `target` (the pruned value); the pruned config.json carries
+exactly the resulting shape. Depth goes first: whole decoder layers ranked by
+`layer_importance` (block influence, ShortGPT arXiv:2403.03853; the loss increase
+when a layer is skipped; or random), never a `protected_layers` one. Width then
+keeps, per layer, the best units by `importance` (magnitude; first-order Taylor,
+LLM-Pruner arXiv:2305.11627; activations, Minitron arXiv:2407.14679; or random):
+whole KV groups with their query heads, query heads within every group (the same
+number in each, so grouped-query attention stays legal), MLP channels, and hidden
+channels through embeddings, norms and every projection (one set for the whole
+model, since the residual stream is shared).
 
-- `magnitude`: L2 norm of the channel's row in gate_proj and up_proj plus its
-  column in down_proj. Needs no data.
-- `taylor`: first-order Taylor estimate |w * dL/dw| summed over the same
-  weights, from next-token loss on `calibration_batches` train blocks
-  (LLM-Pruner's element-wise criterion, arXiv:2305.11627).
-
-The kept count is rounded to a multiple of `round_to` (tensor-core friendly).
-The pruned model is a plain HF directory with `intermediate_size` updated, so
-`AutoModelForCausalLM.from_pretrained` reloads it with no custom code.
+Scores come from `calibration_batches` batches of 8 train blocks of the chain's
+data; everything is measured before anything is cut. Every importance but
+`magnitude` and `random` needs the data. The output is a plain HF directory
+(tied embeddings stay tied) whose manifest records the shape and per-layer
+shapes and parameters before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
-from steps.data import load_split
-from steps.losses import shifted_ce
-from steps.models import load_model, load_tokenizer, save_model
+from steps.prune.shape import AXES, protected_indices, pruned_shape, shape_of
+
+log = logging.getLogger("steps")
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")  # q/k/v/o_proj attention, gate/up/down_proj MLP, RMSNorm
+IMPORTANCE = ("magnitude", "taylor", "activation", "random")
+LAYER_IMPORTANCE = ("block_influence", "perplexity", "random")
 
 
 @dataclass
 class PruneSettings:
-    method: str = "mlp_channels"  # the only structured method so far
-    importance: str = "magnitude"  # magnitude | taylor
-    ratio: float = 0.5  # share of MLP channels removed in every layer
-    round_to: int = 8  # kept channels rounded down to a multiple of this
-    calibration_batches: int = 4  # taylor only: batches of 8 train blocks
+    importance: str = "magnitude"  # width: magnitude | taylor | activation | random
+    layer_importance: str = "block_influence"  # depth: block_influence | perplexity | random
+    ratios: dict = field(default_factory=dict)  # share removed per config key, e.g. {"intermediate_size": 0.5}
+    target: dict = field(default_factory=dict)  # the pruned shape per config key, e.g. {"num_hidden_layers": 21}
+    round_to: int = 64  # pruned widths are multiples of this (GPTQ groups, bitsandbytes 4-bit blocks)
+    protected_layers: list = field(default_factory=lambda: [0, -1])  # never removed; negative from the end
+    calibration_batches: int = 4  # batches of 8 train blocks for every data-driven score
     seed: int = 0
 
 
-def mlp_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj") for layer in layers):
-        raise StageError(f"{type(model).__name__} has no Llama-style gated MLP (gate/up/down_proj) to prune")
-    return [layer.mlp for layer in layers]
+def check_settings(settings: PruneSettings) -> None:
+    """Refuse unknown criteria before anything is loaded."""
+    if settings.importance not in IMPORTANCE:
+        raise StageError(f"unknown importance {settings.importance!r}; choose one of {', '.join(IMPORTANCE)}")
+    if settings.layer_importance not in LAYER_IMPORTANCE:
+        raise StageError(
+            f"unknown layer_importance {settings.layer_importance!r}; choose one of {', '.join(LAYER_IMPORTANCE)}"
+        )
+    for key, ratio in settings.ratios.items():
+        if not 0 <= ratio < 1:
+            raise StageError(f"prune ratios.{key} {ratio} must be in [0, 1): the share of {key} removed")
 
 
-def magnitude_scores(mlp) -> torch.Tensor:
-    return mlp.gate_proj.weight.norm(dim=1) + mlp.up_proj.weight.norm(dim=1) + mlp.down_proj.weight.norm(dim=0)
+def check_architecture(config: dict, source) -> None:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise StageError(
+            f"cannot prune {source}: model type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
 
 
-def taylor_scores(mlp) -> torch.Tensor:
-    """|w * grad| per channel; gradients must already be accumulated on the weights."""
-    gate, up, down = (m.weight for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return (gate * gate.grad).abs().sum(1) + (up * up.grad).abs().sum(1) + (down * down.grad).abs().sum(0)
+def needs_data(settings: PruneSettings, before: dict, after: dict) -> bool:
+    depth = after["num_hidden_layers"] < before["num_hidden_layers"]
+    width = any(after[key] < before[key] for key in AXES if key != "num_hidden_layers")
+    return (depth and settings.layer_importance != "random") or (
+        width and settings.importance not in ("magnitude", "random")
+    )
 
 
-def accumulate_gradients(model, blocks, batches: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    model.zero_grad()
-    for _ in range(batches):
-        rows = blocks[torch.randint(len(blocks), (8,), generator=g).tolist()]
-        shifted_ce(model(input_ids=rows["input_ids"]).logits, rows["labels"]).backward()
+def top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, ascending (kept units keep their order)."""
+    return torch.topk(scores.float().cpu(), count).indices.sort().values
 
 
-def slice_linear(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> torch.nn.Linear:
-    """A new Linear holding only the `keep` rows (dim=0, outputs) or columns (dim=1, inputs)."""
-    weight = linear.weight.data.index_select(dim, keep).clone()
-    out_features, in_features = weight.shape
-    new = torch.nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=weight.dtype)
-    new.weight.data = weight
-    if linear.bias is not None:
-        new.bias.data = linear.bias.data.index_select(0, keep).clone() if dim == 0 else linear.bias.data.clone()
-    return new
+def layers_to_keep(scores: torch.Tensor, count: int, protected: list[int]) -> list[int]:
+    """The protected layers plus the best-scoring others, `count` in all, ascending."""
+    free = torch.tensor([i for i in range(len(scores)) if i not in protected], dtype=torch.long)
+    best = free[top(scores[free], count - len(protected))] if count > len(protected) else free[:0]
+    return sorted(protected + best.tolist())
 
 
-def prune_mlp_channels(model, scores: list[torch.Tensor], keep_count: int) -> None:
-    """Keep the `keep_count` highest-scoring channels in every layer, in their original order."""
-    for mlp, score in zip(mlp_layers(model), scores):
-        keep = torch.topk(score, keep_count).indices.sort().values
-        mlp.gate_proj = slice_linear(mlp.gate_proj, keep, 0)
-        mlp.up_proj = slice_linear(mlp.up_proj, keep, 0)
-        mlp.down_proj = slice_linear(mlp.down_proj, keep, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = keep_count
-    model.config.intermediate_size = keep_count
+def heads_to_keep(head_scores, kv_scores, groups: int, per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV groups, query heads) of one layer: the best groups (their KV heads plus all their query heads),
+    then the best `per_group` query heads inside each kept group, listed group by group."""
+    by_group = head_scores.float().cpu().view(len(kv_scores), -1)
+    kept_groups = top(kv_scores.float().cpu() + by_group.sum(1), groups)
+    size = by_group.shape[1]
+    heads = torch.cat([group * size + top(by_group[group], per_group) for group in kept_groups.tolist()])
+    return kept_groups, heads
 
 
-def kept_channels(total: int, ratio: float, round_to: int) -> int:
-    if not 0.0 <= ratio < 1.0:
-        raise StageError(f"prune ratio {ratio} must be in [0, 1)")
-    keep = int(total * (1 - ratio)) // round_to * round_to
-    return max(round_to, min(total, keep))
+def layer_shapes(model) -> list[dict]:
+    """Per decoder layer: heads, KV heads, MLP width and parameter count."""
+    shapes = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        shapes.append({
+            "num_attention_heads": attention.q_proj.out_features // attention.head_dim,
+            "num_key_value_heads": attention.k_proj.out_features // attention.head_dim,
+            "intermediate_size": mlp.up_proj.out_features,
+            "params": sum(p.numel() for p in layer.parameters()),
+        })
+    return shapes
+
+
+def prune_model(model, blocks, settings: PruneSettings) -> dict:
+    """Prune `model` in place to the shape the settings ask for; returns what the manifest records."""
+    from steps.prune import importance, surgery
+
+    before = shape_of(model.config)
+    after = pruned_shape(model.config, settings.ratios, settings.target, settings.round_to, settings.protected_layers)
+    layers_before, params_before = layer_shapes(model), model.num_parameters()
+    kept_layers = list(range(before["num_hidden_layers"]))
+    with torch.no_grad():
+        if after["num_hidden_layers"] < before["num_hidden_layers"]:
+            with torch.enable_grad():
+                scores = importance.layer_scores(
+                    model, blocks, settings.layer_importance, settings.calibration_batches, settings.seed
+                )
+            protected = protected_indices(settings.protected_layers, before["num_hidden_layers"])
+            kept_layers = layers_to_keep(scores.detach(), after["num_hidden_layers"], protected)
+            log.info("keeping layers %s of %d (%s)", kept_layers, before["num_hidden_layers"], settings.layer_importance)
+            surgery.keep_layers(model, kept_layers)
+        if any(after[key] < before[key] for key in AXES if key != "num_hidden_layers"):
+            with torch.enable_grad():
+                scores = importance.width_scores(
+                    model, blocks, settings.importance, settings.calibration_batches, settings.seed
+                )
+            _cut_width(model, scores, before, after)
+    model.zero_grad(set_to_none=True)
+    log.info("pruned %s -> %s: %s -> %s parameters", before, after, f"{params_before:,}", f"{model.num_parameters():,}")
+    return {
+        "shape": {"before": before, "after": shape_of(model.config)},
+        "kept_layers": kept_layers,
+        "layers": {"before": layers_before, "after": layer_shapes(model)},
+        "params_before": params_before,
+        "params": model.num_parameters(),
+    }
+
+
+def _cut_width(model, scores, before: dict, after: dict) -> None:
+    from steps.prune import surgery
+
+    if (after["num_attention_heads"], after["num_key_value_heads"]) != (
+        before["num_attention_heads"], before["num_key_value_heads"]
+    ):
+        per_group = after["num_attention_heads"] // after["num_key_value_heads"]
+        kept = [heads_to_keep(h, kv, after["num_key_value_heads"], per_group) for h, kv in zip(scores.heads, scores.kv)]
+        surgery.prune_heads(model, [groups for groups, _ in kept], [heads for _, heads in kept])
+    if after["intermediate_size"] < before["intermediate_size"]:
+        surgery.prune_mlp(model, [top(s, after["intermediate_size"]) for s in scores.mlp])
+    if after["hidden_size"] < before["hidden_size"]:
+        surgery.prune_hidden(model, top(scores.hidden, after["hidden_size"]))
+
+
+def read_config(model_dir: str) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise StageError(f"cannot prune {model_dir}: no config.json there; point --model at a model directory")
+    return json.loads(path.read_text())
 
 
 def run(model_dir: str, data_dir: str, out: str, settings: PruneSettings) -> None:
-    if settings.method != "mlp_channels":
-        raise StageError(f"unknown prune method {settings.method!r}; supported: mlp_channels")
-    if settings.importance not in ("magnitude", "taylor"):
-        raise StageError(f"unknown importance {settings.importance!r}; choose magnitude or taylor")
+    from steps.data import load_split
+    from steps.models import load_model, load_tokenizer, pick_device, save_model
+
+    check_settings(settings)
     started = time.time()
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    params_before = model.num_parameters()
-    mlps = mlp_layers(model)
-    if settings.importance == "taylor":
-        accumulate_gradients(model, load_split(data_dir, "train"), settings.calibration_batches, settings.seed)
-        scores = [taylor_scores(mlp) for mlp in mlps]
-    else:
-        scores = [magnitude_scores(mlp) for mlp in mlps]
-    total = model.config.intermediate_size
-    keep = kept_channels(total, settings.ratio, settings.round_to)
-    with torch.no_grad():
-        prune_mlp_channels(model, [s.detach() for s in scores], keep)
-    model.zero_grad(set_to_none=True)
+    config = read_config(model_dir)
+    check_architecture(config, model_dir)
+    before = shape_of(config)
+    after = pruned_shape(config, settings.ratios, settings.target, settings.round_to, settings.protected_layers)
+    blocks = load_split(data_dir, "train") if needs_data(settings, before, after) else None
+    model, tokenizer = load_model(model_dir, device=pick_device()), load_tokenizer(model_dir)
+    report = prune_model(model, blocks, settings)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
-        write_manifest(
-            tmp, "prune", settings, {"model": model_dir, "data": data_dir}, started,
-            params_before=params_before, params=model.num_parameters(), intermediate_size=[total, keep],
-        )
+        write_manifest(tmp, "prune", settings, {"model": model_dir, "data": data_dir}, started, **report)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="prepared data (calibration for taylor)")
+    parser.add_argument("--data", required=True, help="prepared data (calibration for the data-driven scores)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--settings", default="{}", help="JSON of PruneSettings")
     args = parser.parse_args(argv)
     setup_logging()
     run(args.model, args.data, args.out, settings_from(PruneSettings, args.settings))
-
-
-if __name__ == "__main__":
-    main()
