@@ -1,15 +1,21 @@
 """Pruning: legal shapes, surgery that computes what the original computes without the dropped units,
 and pruned directories that reload, generate and quantize."""
 
+import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from steps.artifacts import StageError
-from steps.prune import heads_to_keep, layers_to_keep, surgery
+from conftest import make_model_dir
+from steps.artifacts import StageError, read_manifest
+from steps.models import load_model, load_tokenizer, save_model
+from steps.prune import PruneSettings, heads_to_keep, layers_to_keep, run, surgery
 from steps.prune.shape import pruned_shape
+from test_quantize import GPTQ_ENV
 
 # Real-shaped and tiny: 3 KV groups of 3 query heads, head_dim set apart from hidden / heads,
 # widths that are not powers of two.
@@ -220,3 +226,135 @@ def test_every_axis_at_once_reloads_and_counts_parameters_in_closed_form(tmp_pat
     assert reloaded.num_parameters() == model.num_parameters() == closed_form_params(config, tied)
     torch.testing.assert_close(logits(reloaded), want)
     assert reloaded.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, IDS.shape[1] + 4)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+# 3 KV groups of 3 heads, head_dim 32, widths that are not powers of two; the target below makes every
+# pruned width a multiple of 64 (o_proj reads 6 heads x 32 = 192), which 4-bit kernels and GPTQ groups need.
+GQA_DIR_ARCH = dict(hidden_size=288, intermediate_size=320, num_hidden_layers=3, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=32, max_position_embeddings=64)
+TARGET = {"num_hidden_layers": 2, "num_key_value_heads": 2, "num_attention_heads": 6, "intermediate_size": 192,
+          "hidden_size": 192}
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory, tokenizer_dir):
+    return make_model_dir(tmp_path_factory.mktemp("gqa") / "model", tokenizer_dir, tie_word_embeddings=True, **GQA_DIR_ARCH)
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory, gqa_dir, data_dir):
+    out = tmp_path_factory.mktemp("pruned") / "model"
+    run(str(gqa_dir), str(data_dir), str(out), PruneSettings(importance="activation", target=TARGET, calibration_batches=1))
+    return out
+
+
+def test_a_target_shape_is_what_the_pruned_config_says_and_the_model_reloads_and_generates(gqa_dir, pruned_dir):
+    config = json.loads((pruned_dir / "config.json").read_text())
+    assert {key: config[key] for key in TARGET} == TARGET and config["head_dim"] == 32
+    assert config["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after reloading
+    assert model.num_parameters() == closed_form_params(model.config, tied=True)
+    tokenizer = load_tokenizer(pruned_dir)
+    ids = tokenizer("def main():", return_tensors="pt").input_ids
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
+    manifest = read_manifest(pruned_dir)
+    assert manifest["shape"]["after"] == TARGET and manifest["shape"]["before"]["hidden_size"] == 288
+    assert manifest["params"] == model.num_parameters()  # the tied matrix once
+    assert manifest["params_before"] == AutoModelForCausalLM.from_pretrained(gqa_dir).num_parameters()
+    assert len(manifest["kept_layers"]) == 2 and manifest["kept_layers"][0] == 0 and manifest["kept_layers"][-1] == 2
+    assert [layer["num_attention_heads"] for layer in manifest["layers"]["before"]] == [9, 9, 9]
+    assert manifest["layers"]["after"] == [
+        {"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 192,
+         "params": sum(p.numel() for p in layer.parameters())} for layer in model.model.layers
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["bnb-nf4", "gptq"])
+def test_a_pruned_model_at_the_default_widths_quantizes_and_runs(pruned_dir, data_dir, tmp_path, monkeypatch, scheme):
+    from steps.quantize import QuantizeSettings, run as quantize
+
+    for name, value in GPTQ_ENV.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / scheme
+    quantize(str(pruned_dir), str(out), QuantizeSettings(scheme=scheme, bits=4, group_size=64, calibration_blocks=8),
+             data_dir=str(data_dir))
+    model = load_model(out, device_map="cpu")
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+        want = AutoModelForCausalLM.from_pretrained(pruned_dir)(input_ids=ids).logits
+    assert torch.isfinite(got).all() and torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.9
+
+
+def test_removing_nothing_keeps_the_model(model_dir, data_dir, tmp_path):
+    out = tmp_path / "same"
+    run(str(model_dir), str(data_dir), str(out), PruneSettings(ratios={"intermediate_size": 0.0}))
+    ids = torch.arange(1, 20).unsqueeze(0)
+    want = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits, want)
+    assert read_manifest(out)["params"] == read_manifest(out)["params_before"]
+
+
+def test_taylor_drops_channels_the_loss_does_not_depend_on(model_dir, data_dir, tmp_path):
+    """Channels 3 and 10 of layer 0 get the largest gate/up rows but no way to the output (down column zero).
+
+    Magnitude keeps them; Taylor sees zero gradient on them and drops them.
+    """
+    model = load_model(model_dir)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for c in (3, 10):
+            mlp.gate_proj.weight[c] *= 50
+            mlp.up_proj.weight[c] *= 50
+            mlp.down_proj.weight[:, c] = 0
+    marked = [mlp.gate_proj.weight[c].clone() for c in (3, 10)]
+    source = tmp_path / "marked"
+    save_model(model, load_tokenizer(model_dir), source)
+    kept = {}
+    for importance in ("magnitude", "taylor"):
+        settings = PruneSettings(ratios={"intermediate_size": 0.5}, round_to=8, importance=importance)
+        run(str(source), str(data_dir), str(tmp_path / importance), settings)
+        gate = load_model(tmp_path / importance).model.layers[0].mlp.gate_proj.weight
+        assert gate.shape[0] == 32
+        kept[importance] = [any(torch.equal(row, m) for row in gate) for m in marked]
+    assert kept == {"magnitude": [True, True], "taylor": [False, False]}
+
+
+def test_an_unsupported_architecture_fails_before_loading_and_names_the_supported_ones(data_dir, tokenizer_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    source = tmp_path / "gpt2"
+    save_model(GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)), tokenizer, source)
+    (source / "model.safetensors").write_bytes(b"not weights: the check must come first")
+    with pytest.raises(StageError, match=r"model type 'gpt2' is not supported; supported: llama, mistral, qwen2") as err:
+        run(str(source), str(data_dir), str(tmp_path / "x"), PruneSettings())
+    assert "\n" not in str(err.value.code)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (PruneSettings(importance="l1"), "unknown importance 'l1'; choose one of magnitude, taylor, activation, random"),
+        (PruneSettings(layer_importance="cosine"), "unknown layer_importance 'cosine'; choose one of block_influence"),
+        (PruneSettings(ratios={"intermediate_size": 1.0}), "ratios.intermediate_size 1.0 must be in [0, 1)"),
+    ],
+)
+def test_bad_settings_fail_before_loading(tmp_path, settings, message):
+    with pytest.raises(StageError, match=re.escape(message)):
+        run(str(tmp_path / "no-model"), str(tmp_path / "no-data"), str(tmp_path / "x"), settings)
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_illegal_target_fails_before_the_weights_load(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(StageError, match="prune target intermediate_size 40 is not a multiple of round_to 64; nearest legal widths: 64"):
+        run(str(broken), str(tmp_path / "no-data"), str(tmp_path / "x"), PruneSettings(target={"intermediate_size": 40}))
