@@ -134,6 +134,32 @@ def test_taylor_scores_units_the_loss_cannot_see_as_zero(gqa_dir, blocks):
         rel=1e-4)
 
 
+def test_taylor_counts_biases_and_every_hidden_slice(tmp_path, tokenizer_dir, blocks):
+    model = load_model(make_model_dir(tmp_path / "bias", tokenizer_dir, attention_bias=True, mlp_bias=True, **GQA))
+    with torch.no_grad():  # biases start at zero, where |b * grad| would be zero whether counted or not
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    taylor = width_scores(model, blocks, "taylor", batches=1, seed=5)
+    batch = next(calibration_batches(blocks, 1, 5))
+    shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]).backward()
+    wg = lambda p: (p * p.grad).abs()  # noqa: E731
+    a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    heads = wg(a.q_proj.weight).reshape(6, -1).sum(1) + wg(a.q_proj.bias).reshape(6, -1).sum(1)
+    heads += wg(a.o_proj.weight).T.reshape(6, -1).sum(1)
+    kv = sum(wg(p).reshape(2, -1).sum(1) for p in (a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias))
+    mlp = wg(m.gate_proj.weight).sum(1) + wg(m.gate_proj.bias) + wg(m.up_proj.weight).sum(1) + wg(m.up_proj.bias)
+    mlp += wg(m.down_proj.weight).sum(0)
+    hidden = wg(model.model.embed_tokens.weight).sum(0) + wg(model.lm_head.weight).sum(0) + wg(model.model.norm.weight)
+    for layer in model.model.layers:
+        a_, m_ = layer.self_attn, layer.mlp
+        hidden += wg(layer.input_layernorm.weight) + wg(layer.post_attention_layernorm.weight)
+        hidden += sum(wg(lin.weight).sum(0) for lin in (a_.q_proj, a_.k_proj, a_.v_proj, m_.gate_proj, m_.up_proj))
+        hidden += sum(wg(lin.weight).sum(1) + wg(lin.bias) for lin in (a_.o_proj, m_.down_proj))
+    for got, want in ((taylor.heads[0], heads), (taylor.kv[0], kv), (taylor.mlp[0], mlp), (taylor.hidden, hidden)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-9)
+
+
 def test_activation_is_zero_for_heads_reading_zero_values_and_leaves_no_hooks(gqa_dir, blocks):
     model = load_model(gqa_dir)
     with torch.no_grad():
