@@ -179,6 +179,37 @@ def test_activation_is_zero_for_heads_reading_zero_values_and_leaves_no_hooks(gq
                 expected += torch.stack([out[..., g * D:(g + 1) * D].flatten(1).norm(dim=1).sum() for g in range(2)])
     torch.testing.assert_close(scores.kv[0], expected / 16)
 
+    # every unit, from the full activations captured here: (sequences, positions, units, rest), L2 over positions
+    # and rest, mean over the 16 sequences; hidden sums the outputs of all 7 RMSNorms
+    seen = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0])))
+        elif name.endswith(("k_proj", "v_proj", "norm")):
+            hooks.append(module.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(out)))
+        else:
+            continue
+        seen[name] = []
+    with torch.no_grad():
+        for batch in calibration_batches(blocks, 2, 0):
+            model(input_ids=batch["input_ids"])
+    for h in hooks:
+        h.remove()
+
+    def score(name, units):
+        x = torch.cat(seen[name]).unflatten(-1, (units, -1))
+        return torch.linalg.vector_norm(x, dim=(1, 3)).mean(0)
+
+    norms = [name for name in seen if name.endswith("norm")]
+    assert len(norms) == 7
+    torch.testing.assert_close(scores.hidden, sum(score(name, 48) for name in norms))
+    for i in range(3):
+        torch.testing.assert_close(scores.heads[i], score(f"model.layers.{i}.self_attn.o_proj", 6))
+        kv = score(f"model.layers.{i}.self_attn.k_proj", 2) + score(f"model.layers.{i}.self_attn.v_proj", 2)
+        torch.testing.assert_close(scores.kv[i], kv)
+        torch.testing.assert_close(scores.mlp[i], score(f"model.layers.{i}.mlp.down_proj", 80))
+
 
 def test_block_influence_finds_a_layer_that_changes_nothing(gqa_dir, blocks):
     model = load_model(gqa_dir)

@@ -87,48 +87,48 @@ def _loss(model, batch, device) -> torch.Tensor:
 # ---------------------------------------------------------------- width
 
 
-def _per_unit(t: torch.Tensor, dim: int, units: int, how: str) -> torch.Tensor:
-    """Reduce `t` to one value per unit along `dim` (units are contiguous, equal slices): L2 norm or sum of |.|."""
-    x = t.detach().float().movedim(dim, 0).reshape(units, -1)
-    return x.norm(dim=1) if how == "norm" else x.abs().sum(1)
+def _units(layer) -> tuple[int, int, int]:
+    """Query heads, KV heads, MLP channels of a layer, from its shapes (head_dim from the module, not the config)."""
+    attn, d = layer.self_attn, layer.self_attn.head_dim
+    return attn.q_proj.out_features // d, attn.k_proj.out_features // d, layer.mlp.down_proj.in_features
+
+
+def _collect(sums: dict, n_layers: int) -> WidthScores:
+    pick = lambda kind: [sums[kind, i] for i in range(n_layers)]  # noqa: E731
+    return WidthScores(pick("heads"), pick("kv"), pick("mlp"), sums["hidden", None])
+
+
+def _owned(model):
+    """((unit kind, layer), tensor, unit axis, units, is bias) for every slice that pruning a unit removes."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n = embed.shape[1]
+    yield ("hidden", None), embed, 1, n, False
+    if head is not embed:  # a tied matrix counts once
+        yield ("hidden", None), head, 1, n, False
+    yield ("hidden", None), model.model.norm.weight, 0, n, False
+    for i, layer in enumerate(decoder_layers(model)):
+        (q, kv, c), a, m = _units(layer), layer.self_attn, layer.mlp
+        slices = [("heads", a.q_proj, 0, q), ("heads", a.o_proj, 1, q), ("kv", a.k_proj, 0, kv), ("kv", a.v_proj, 0, kv),
+                  ("mlp", m.gate_proj, 0, c), ("mlp", m.up_proj, 0, c), ("mlp", m.down_proj, 1, c)]
+        slices += [("hidden", lin, 1, n) for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)]  # inputs
+        slices += [("hidden", lin, 0, n) for lin in (a.o_proj, m.down_proj)]  # outputs
+        for kind, linear, dim, units in slices:
+            key = (kind, None if kind == "hidden" else i)
+            yield key, linear.weight, dim, units, False
+            if linear.bias is not None and dim == 0:  # a bias goes with its output rows
+                yield key, linear.bias, 0, units, True
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            yield ("hidden", None), norm.weight, 0, n, False
 
 
 def _slice_scores(model, value, how: str, biases: bool) -> WidthScores:
-    """Sum per unit over every weight slice it owns; `value(param)` is w (magnitude) or w * grad (taylor)."""
-    def term(param, dim, units):
-        return _per_unit(value(param), dim, units, how)
-
-    heads, kv, mlp = [], [], []
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    hidden = term(embed, 1, embed.shape[1])
-    if head is not embed:  # a tied matrix counts once
-        hidden = hidden + term(head, 1, embed.shape[1])
-    hidden = hidden + term(model.model.norm.weight, 0, embed.shape[1])
-    for layer in decoder_layers(model):
-        attn, ffn = layer.self_attn, layer.mlp
-        d = attn.head_dim
-        n_q, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
-        heads.append(term(attn.q_proj.weight, 0, n_q) + term(attn.o_proj.weight, 1, n_q))
-        kv.append(term(attn.k_proj.weight, 0, n_kv) + term(attn.v_proj.weight, 0, n_kv))
-        mlp.append(term(ffn.gate_proj.weight, 0, ffn.gate_proj.out_features)
-                   + term(ffn.up_proj.weight, 0, ffn.up_proj.out_features)
-                   + term(ffn.down_proj.weight, 1, ffn.down_proj.in_features))
-        n_hidden = hidden.shape[0]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            hidden = hidden + term(norm.weight, 0, n_hidden)
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, ffn.gate_proj, ffn.up_proj):
-            hidden = hidden + term(linear.weight, 1, n_hidden)
-        for linear in (attn.o_proj, ffn.down_proj):
-            hidden = hidden + term(linear.weight, 0, n_hidden)
-        if biases:
-            for linear, scores, units in ((attn.q_proj, heads, n_q), (attn.k_proj, kv, n_kv), (attn.v_proj, kv, n_kv),
-                                          (ffn.gate_proj, mlp, None), (ffn.up_proj, mlp, None)):
-                if linear.bias is not None:
-                    scores[-1] = scores[-1] + term(linear.bias, 0, units or linear.out_features)
-            for linear in (attn.o_proj, ffn.down_proj):
-                if linear.bias is not None:
-                    hidden = hidden + term(linear.bias, 0, n_hidden)
-    return WidthScores(heads, kv, mlp, hidden)
+    """Per unit, over its slices: the sum of L2 norms of `value(p)` (magnitude: w), or of its |.| (taylor: w * grad)."""
+    sums = {}
+    for key, param, dim, units, is_bias in _owned(model):
+        if biases or not is_bias:
+            x = value(param).detach().float().movedim(dim, 0).reshape(units, -1)  # a unit's slice is contiguous
+            sums[key] = sums.get(key, 0) + (x.norm(dim=1) if how == "norm" else x.abs().sum(1)).cpu()
+    return _collect(sums, len(decoder_layers(model)))
 
 
 def _taylor(model, blocks, batches: int, seed: int) -> WidthScores:
@@ -158,18 +158,16 @@ def _activation(model, blocks, batches: int, seed: int) -> WidthScores:
     def on_output(key, units):
         return lambda module, args, out: record(key, units, out)
 
-    n_hidden = model.get_input_embeddings().weight.shape[1]
-    norms = [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    n_hidden, rows = model.get_input_embeddings().weight.shape[1], 0
+    norms = [model.model.norm, *(n for lay in layers for n in (lay.input_layernorm, lay.post_attention_layernorm))]
     try:
         for i, layer in enumerate(layers):
-            attn, ffn = layer.self_attn, layer.mlp
-            n_q, n_kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
-            hooks += [attn.o_proj.register_forward_pre_hook(on_input(("heads", i), n_q)),
-                      attn.k_proj.register_forward_hook(on_output(("kv", i), n_kv)),
-                      attn.v_proj.register_forward_hook(on_output(("kv", i), n_kv)),
-                      ffn.down_proj.register_forward_pre_hook(on_input(("mlp", i), ffn.down_proj.in_features))]
-        hooks += [norm.register_forward_hook(on_output("hidden", n_hidden)) for norm in norms]
-        rows = 0
+            (q, kv, c), attn = _units(layer), layer.self_attn
+            hooks += [attn.o_proj.register_forward_pre_hook(on_input(("heads", i), q)),
+                      attn.k_proj.register_forward_hook(on_output(("kv", i), kv)),
+                      attn.v_proj.register_forward_hook(on_output(("kv", i), kv)),
+                      layer.mlp.down_proj.register_forward_pre_hook(on_input(("mlp", i), c))]
+        hooks += [norm.register_forward_hook(on_output(("hidden", None), n_hidden)) for norm in norms]
         with torch.no_grad(), _calibrating(model) as device:
             for batch in calibration_batches(blocks, batches, seed):
                 model(input_ids=batch["input_ids"].to(device), use_cache=False)
@@ -177,9 +175,7 @@ def _activation(model, blocks, batches: int, seed: int) -> WidthScores:
     finally:
         for hook in hooks:
             hook.remove()
-    mean = {key: value / max(rows, 1) for key, value in sums.items()}
-    return WidthScores([mean["heads", i] for i in range(len(layers))], [mean["kv", i] for i in range(len(layers))],
-                       [mean["mlp", i] for i in range(len(layers))], mean["hidden"])
+    return _collect({key: value / max(rows, 1) for key, value in sums.items()}, len(layers))
 
 
 def width_scores(model, blocks, importance: str, batches: int, seed: int) -> WidthScores:
@@ -191,12 +187,9 @@ def width_scores(model, blocks, importance: str, batches: int, seed: int) -> Wid
     if importance == "activation":
         return _activation(model, blocks, batches, seed)
     if importance == "random":
-        g = torch.Generator().manual_seed(seed)
-        attns, layers = [layer.self_attn for layer in decoder_layers(model)], decoder_layers(model)
-        return WidthScores([torch.rand(a.q_proj.out_features // a.head_dim, generator=g) for a in attns],
-                           [torch.rand(a.k_proj.out_features // a.head_dim, generator=g) for a in attns],
-                           [torch.rand(layer.mlp.down_proj.in_features, generator=g) for layer in layers],
-                           torch.rand(model.get_input_embeddings().weight.shape[1], generator=g))
+        g, units = torch.Generator().manual_seed(seed), [_units(layer) for layer in decoder_layers(model)]
+        rand = [[torch.rand(n, generator=g) for n in kind] for kind in zip(*units)]
+        return WidthScores(*rand, torch.rand(model.get_input_embeddings().weight.shape[1], generator=g))
     raise StageError(f"unknown importance {importance!r}; choose one of {', '.join(WIDTH_CRITERIA)}")
 
 
