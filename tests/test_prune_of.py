@@ -174,7 +174,7 @@ def test_only_the_aliases_own_settings_rebuild_it(built):
     assert planned_jobs(snakemake(built, "-n", "models/base/teacher-p")) == {}
     changed = {"teacher-p": {"prune_of": "teacher", "prune": {**PRUNE, "target": {"intermediate_size": 32}}}}
     assert planned_jobs(snakemake(built, "-n", "models/base/teacher-p", models=changed)) == {"prune_model": 1}
-    chain = {"prune": {"ratios": {"intermediate_size": 0.5}}}
+    chain = {"prune": {"ratios": {"intermediate_size": 0.5}, "round_to": 16, "seed": 7}}
     assert planned_jobs(snakemake(built, "-n", "models/base/teacher-p", extra=chain)) == {}
     source = {"teacher": {"pretrain": {"steps": 3, "warmup": 0, "log_every": 1}}}
     assert planned_jobs(snakemake(built, "-n", "models/base/teacher-p", models=source)) == {"base_model": 1,
