@@ -140,7 +140,8 @@ def test_taylor_counts_biases_and_every_hidden_slice(tmp_path, tokenizer_dir, bl
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_()
-    taylor = width_scores(model, blocks, "taylor", batches=1, seed=5)
+    with torch.no_grad():  # as pruning calls it; taylor turns gradients on for itself
+        taylor = width_scores(model, blocks, "taylor", batches=1, seed=5)
     batch = next(calibration_batches(blocks, 1, 5))
     shifted_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]).backward()
     wg = lambda p: (p * p.grad).abs()  # noqa: E731

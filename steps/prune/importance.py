@@ -134,7 +134,7 @@ def _slice_scores(model, value, how: str, biases: bool) -> WidthScores:
 def _taylor(model, blocks, batches: int, seed: int) -> WidthScores:
     model.zero_grad(set_to_none=True)
     try:
-        with _calibrating(model) as device:
+        with torch.enable_grad(), _calibrating(model) as device:  # callers may hold no_grad around pruning
             for batch in calibration_batches(blocks, batches, seed):
                 _loss(model, batch, device).backward()
         return _slice_scores(model, lambda p: p * p.grad if p.grad is not None else torch.zeros_like(p), "abs", True)
