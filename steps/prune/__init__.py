@@ -129,19 +129,17 @@ def prune_model(model, blocks, settings: PruneSettings) -> dict:
     kept_layers = list(range(before["num_hidden_layers"]))
     with torch.no_grad():
         if after["num_hidden_layers"] < before["num_hidden_layers"]:
-            with torch.enable_grad():
-                scores = importance.layer_scores(
-                    model, blocks, settings.layer_importance, settings.calibration_batches, settings.seed
-                )
+            scores = importance.layer_scores(
+                model, blocks, settings.layer_importance, settings.calibration_batches, settings.seed
+            )
             protected = protected_indices(settings.protected_layers, before["num_hidden_layers"])
             kept_layers = layers_to_keep(scores.detach(), after["num_hidden_layers"], protected)
             log.info("keeping layers %s of %d (%s)", kept_layers, before["num_hidden_layers"], settings.layer_importance)
             surgery.keep_layers(model, kept_layers)
         if any(after[key] < before[key] for key in AXES if key != "num_hidden_layers"):
-            with torch.enable_grad():
-                scores = importance.width_scores(
-                    model, blocks, settings.importance, settings.calibration_batches, settings.seed
-                )
+            scores = importance.width_scores(  # taylor turns gradients on for itself
+                model, blocks, settings.importance, settings.calibration_batches, settings.seed
+            )
             _cut_width(model, scores, before, after)
     model.zero_grad(set_to_none=True)
     log.info("pruned %s -> %s: %s -> %s parameters", before, after, f"{params_before:,}", f"{model.num_parameters():,}")
