@@ -279,10 +279,14 @@ def alias_tokenizer(wildcards):
     return tokenizer_dir(wildcards.alias)
 
 
+RESOURCES_LIKE = {"prune_model": "prune"}  # the same step on a teacher: a cluster config's prune GPU by default
+
+
 def rule_resources(rule):
-    """Resources of a rule from the config's `resources:` (its `default` entry, then the rule's own)."""
+    """Resources of a rule from the config's `resources:` (its `default` entry, the entry of the rule it
+    runs like, then the rule's own)."""
     table = config["resources"]
-    return {**table.get("default", {}), **table.get(rule, {})}
+    return {**table.get("default", {}), **table.get(RESOURCES_LIKE.get(rule), {}), **table.get(rule, {})}
 
 
 def launcher(rule, data_parallel=False):

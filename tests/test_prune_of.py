@@ -101,6 +101,20 @@ def test_a_scratch_model_can_share_a_pruned_aliases_tokenizer_before_any_pruning
     assert built["input"] == "models/tokenizer/teacher, data/pydoc/small"
 
 
+def test_pruning_a_teacher_gets_the_prune_rules_resources_unless_it_has_its_own(workdir):
+    """A cluster config sized `prune:` for its chain (a GPU); pruning the bigger teacher must not fall back to a
+    CPU-only default, and its own entry still wins."""
+    resources = {"prune": {"gpu": 1, "mem_mb": 1234}}
+    (job,) = [j for j in jobs(snakemake(workdir, "-n", "-p", "models/base/teacher-p", extra={"resources": resources}))
+              if j["rule"] == "prune_model"]
+    assert "mem_mb=1234," in job["resources"] and "gpu=1" in job["resources"]
+    assert job["shell"].startswith("python -m steps.gpus run --count 1 -- python -m steps.prune ")
+    own = {**resources, "prune_model": {"mem_mb": 999}}
+    (job,) = [j for j in jobs(snakemake(workdir, "-n", "-p", "models/base/teacher-p", extra={"resources": own}))
+              if j["rule"] == "prune_model"]
+    assert "mem_mb=999," in job["resources"] and "gpu=1" in job["resources"]
+
+
 @pytest.mark.parametrize("models,message", [
     ({"ghost-p": {"prune_of": "ghost", "prune": PRUNE}},
      "unknown model alias 'ghost'; known: chain, chain-p, ghost-p, student, teacher, teacher-p, teacher-pp"
