@@ -44,7 +44,7 @@ LAYER_IMPORTANCE = ("block_influence", "perplexity", "random")
 
 @dataclass
 class PruneSettings:
-    importance: str = "magnitude"  # width: magnitude | taylor | activation | random
+    importance: str = "activation"  # width: activation | taylor | magnitude | random (bench/RESULTS.md: prune_quality)
     layer_importance: str = "block_influence"  # depth: block_influence | perplexity | random
     ratios: dict = field(default_factory=dict)  # share removed per config key, e.g. {"intermediate_size": 0.5}
     target: dict = field(default_factory=dict)  # the pruned shape per config key, e.g. {"num_hidden_layers": 21}
