@@ -100,6 +100,15 @@ def test_illegal_shapes_fail_with_one_line_naming_the_fix(ratios, target, round_
     assert message in str(err.value.code) and "\n" not in str(err.value.code)
 
 
+def test_pruned_heads_keep_the_attention_width_a_multiple_of_round_to():
+    narrow = {**SMOLLM2, "head_dim": 32}  # 9 heads of 32: o_proj reads 288
+    with pytest.raises(StageError, match=r"3 query heads of head_dim 32 make o_proj 96 wide, not a multiple of round_to "
+                                         r"64; legal head counts over 3 KV groups: 6 \(or set prune.round_to\)"):
+        pruned_shape(narrow, {}, {"num_attention_heads": 3}, 64, [0, -1])
+    assert pruned_shape(narrow, {}, {"num_attention_heads": 6}, 64, [0, -1])["num_attention_heads"] == 6
+    assert pruned_shape(narrow, {}, {}, 64, [0, -1])["num_attention_heads"] == 9  # unpruned: whatever it was
+
+
 def test_a_protected_layer_outside_the_model_is_refused():
     with pytest.raises(StageError, match=r"protected_layers has 30, but the model has 30 layers \(0..29\)"):
         pruned_shape(SMOLLM2, {"num_hidden_layers": 0.2}, {}, 64, [0, 30])

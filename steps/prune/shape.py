@@ -87,6 +87,7 @@ def pruned_shape(config, ratios: dict, target: dict, round_to: int, protected_la
     after = dict(before)
     after.update(target)
     after["num_attention_heads"], after["num_key_value_heads"] = _heads(before, ratios, target)
+    _check_attention_width(config, before, after, round_to)
     llama = _get(config, "model_type") == "llama"
     # a Llama's hidden size must split over its heads: a ratio rounds to widths that do
     hidden_step = math.lcm(round_to, after["num_attention_heads"]) if llama else round_to
@@ -137,6 +138,22 @@ def _heads(before: dict, ratios: dict, target: dict) -> tuple[int, int]:
     else:
         kept_heads = kept_groups * per_group
     return kept_heads, kept_groups
+
+
+def _check_attention_width(config, before: dict, after: dict, round_to: int) -> None:
+    """Pruned heads keep o_proj's input (heads x head_dim) a multiple of round_to, like every other width."""
+    heads, groups = after["num_attention_heads"], after["num_key_value_heads"]
+    if heads == before["num_attention_heads"]:
+        return
+    head_dim = _get(config, "head_dim") or before["hidden_size"] // before["num_attention_heads"]
+    if heads * head_dim % round_to:
+        per_group = before["num_attention_heads"] // before["num_key_value_heads"]
+        legal = [groups * n for n in range(1, per_group + 1) if groups * n * head_dim % round_to == 0]
+        raise StageError(
+            f"prune: {heads} query heads of head_dim {head_dim} make o_proj {heads * head_dim} wide, not a multiple of "
+            f"round_to {round_to}; legal head counts over {groups} KV groups: {', '.join(map(str, legal)) or 'none'} "
+            "(or set prune.round_to)"
+        )
 
 
 def protected_indices(protected_layers: list[int], layers: int) -> list[int]:
