@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
+from steps.data import load_split
+from steps.models import load_model, load_tokenizer, pick_device, save_model
+from steps.prune import importance, surgery
 from steps.prune.shape import AXES, protected_indices, pruned_shape, shape_of
 
 log = logging.getLogger("steps")
@@ -121,8 +124,6 @@ def layer_shapes(model) -> list[dict]:
 
 def prune_model(model, blocks, settings: PruneSettings) -> dict:
     """Prune `model` in place to the shape the settings ask for; returns what the manifest records."""
-    from steps.prune import importance, surgery
-
     before = shape_of(model.config)
     after = pruned_shape(model.config, settings.ratios, settings.target, settings.round_to, settings.protected_layers)
     layers_before, params_before = layer_shapes(model), model.num_parameters()
@@ -153,8 +154,6 @@ def prune_model(model, blocks, settings: PruneSettings) -> dict:
 
 
 def _cut_width(model, scores, before: dict, after: dict) -> None:
-    from steps.prune import surgery
-
     if (after["num_attention_heads"], after["num_key_value_heads"]) != (
         before["num_attention_heads"], before["num_key_value_heads"]
     ):
@@ -175,9 +174,6 @@ def read_config(model_dir: str) -> dict:
 
 
 def run(model_dir: str, data_dir: str, out: str, settings: PruneSettings) -> None:
-    from steps.data import load_split
-    from steps.models import load_model, load_tokenizer, pick_device, save_model
-
     check_settings(settings)
     started = time.time()
     config = read_config(model_dir)
