@@ -41,8 +41,8 @@ from steps.prune.shape import AXES, protected_indices, pruned_shape, shape_of
 log = logging.getLogger("steps")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # q/k/v/o_proj attention, gate/up/down_proj MLP, RMSNorm
-IMPORTANCE = ("magnitude", "taylor", "activation", "random")
-LAYER_IMPORTANCE = ("block_influence", "perplexity", "random")
+IMPORTANCE = importance.WIDTH_CRITERIA
+LAYER_IMPORTANCE = importance.LAYER_CRITERIA
 
 
 @dataclass
@@ -111,7 +111,7 @@ def heads_to_keep(head_scores, kv_scores, groups: int, per_group: int) -> tuple[
 def layer_shapes(model) -> list[dict]:
     """Per decoder layer: heads, KV heads, MLP width and parameter count."""
     shapes = []
-    for layer in model.model.layers:
+    for layer in surgery.decoder_layers(model):
         attention, mlp = layer.self_attn, layer.mlp
         shapes.append({
             "num_attention_heads": attention.q_proj.out_features // attention.head_dim,

@@ -31,6 +31,7 @@ import torch
 
 from steps.artifacts import StageError
 from steps.losses import shifted_ce
+from steps.prune.surgery import decoder_layers
 
 WIDTH_CRITERIA = ("magnitude", "taylor", "activation", "random")
 LAYER_CRITERIA = ("block_influence", "perplexity", "random")
@@ -50,22 +51,6 @@ def calibration_batches(blocks, batches: int, seed: int):
     for _ in range(batches):
         rows = blocks[torch.randint(len(blocks), (8,), generator=g).tolist()]
         yield {"input_ids": rows["input_ids"], "labels": rows["labels"]}
-
-
-def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-    if layers is None or not all(_has(layer, name) for layer in layers for name in needed):
-        raise StageError(f"{type(model).__name__} is not a Llama-style decoder (self_attn.q/k/v/o_proj, "
-                         "mlp.gate/up/down_proj, input/post_attention_layernorm): pick a llama, mistral or qwen2 model")
-    return list(layers)
-
-
-def _has(module, dotted: str) -> bool:
-    for name in dotted.split("."):
-        module = getattr(module, name, None)
-    return module is not None
 
 
 @contextmanager

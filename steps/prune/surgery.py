@@ -12,9 +12,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from steps.artifacts import StageError
 
-def decoder_layers(model) -> nn.ModuleList:
-    return model.model.layers
+LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The decoder layers, each with every module pruning reads or cuts, or a one-line StageError."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(_has(layer, name) for layer in layers for name in LAYER_MODULES):
+        raise StageError(f"{type(model).__name__} is not a Llama-style decoder (self_attn.q/k/v/o_proj, "
+                         "mlp.gate/up/down_proj, input/post_attention_layernorm): pick a llama, mistral or qwen2 model")
+    return list(layers)
+
+
+def _has(module, dotted: str) -> bool:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module is not None
 
 
 def slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
