@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench.common import require, save, table
 from bench.quant_quality import load_config
-from steps.artifacts import setup_logging
+from steps.artifacts import read_manifest, setup_logging
 from steps.evaluate import EvaluateSettings, run as evaluate
 from steps.prune import IMPORTANCE, LAYER_IMPORTANCE, PruneSettings, run as prune
 from steps.prune.shape import shape_of
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
             settings = dataclasses.replace(base, **fields)
             out = f"{tmp}/{name.replace('/', '-')}"
             prune(model, data, out, settings)
-            manifest = json.loads((Path(out) / "manifest.json").read_text())
+            manifest = read_manifest(out)
             raw[name] = {
                 "settings": dataclasses.asdict(settings), "dir": out, "shape": manifest["shape"]["after"],
                 "kept_layers": manifest["kept_layers"], **counts(manifest), "prune_s": manifest["wall_s"],
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         for name in dict.fromkeys(["unpruned", "mlp/random", best_width, best_depth]):
             out = f"{tmp}/{name.replace('/', '-')}-recovered"
             recover(raw[name]["dir"], data, out, recovery)
-            manifest = json.loads((Path(out) / "manifest.json").read_text())
+            manifest = read_manifest(out)
             raw[name]["recover_s"] = manifest["wall_s"]
             raw[name]["recovered"] = evaluated(f"{name} + recover", out)
     wall_s = round(time.time() - started, 1)
