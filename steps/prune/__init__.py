@@ -78,9 +78,14 @@ def check_architecture(config: dict, source) -> None:
         )
 
 
-def needs_data(settings: PruneSettings, before: dict, after: dict) -> bool:
+def cuts(before: dict, after: dict) -> tuple[bool, bool]:
+    """(whether layers go, whether any width shrinks) between two shapes."""
     depth = after["num_hidden_layers"] < before["num_hidden_layers"]
-    width = any(after[key] < before[key] for key in AXES if key != "num_hidden_layers")
+    return depth, any(after[key] < before[key] for key in AXES if key != "num_hidden_layers")
+
+
+def needs_data(settings: PruneSettings, before: dict, after: dict) -> bool:
+    depth, width = cuts(before, after)
     return (depth and settings.layer_importance != "random") or (
         width and settings.importance not in ("magnitude", "random")
     )
@@ -128,8 +133,9 @@ def prune_model(model, blocks, settings: PruneSettings) -> dict:
     after = pruned_shape(model.config, settings.ratios, settings.target, settings.round_to, settings.protected_layers)
     layers_before, params_before = layer_shapes(model), model.num_parameters()
     kept_layers = list(range(before["num_hidden_layers"]))
+    depth, width = cuts(before, after)
     with torch.no_grad():
-        if after["num_hidden_layers"] < before["num_hidden_layers"]:
+        if depth:
             scores = importance.layer_scores(
                 model, blocks, settings.layer_importance, settings.calibration_batches, settings.seed
             )
@@ -137,7 +143,7 @@ def prune_model(model, blocks, settings: PruneSettings) -> dict:
             kept_layers = layers_to_keep(scores.detach(), after["num_hidden_layers"], protected)
             log.info("keeping layers %s of %d (%s)", kept_layers, before["num_hidden_layers"], settings.layer_importance)
             surgery.keep_layers(model, kept_layers)
-        if any(after[key] < before[key] for key in AXES if key != "num_hidden_layers"):
+        if width:
             scores = importance.width_scores(  # taylor turns gradients on for itself
                 model, blocks, settings.importance, settings.calibration_batches, settings.seed
             )
