@@ -1,4 +1,4 @@
-# Distill: teacher -> student logit KD (steps/distill.py).
+# Distill: teacher -> student logit KD (steps/distill/).
 
 
 rule distill:
