@@ -52,6 +52,8 @@ class LoopSettings:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     log_every: int = 20
     checkpoint_every: int = 0  # 0 = never
+    eval_every: int = 0  # validation perplexity every N steps and after the last (0 = never)
+    eval_blocks: int = 64  # the first N blocks of the val split
     parallel: str = "ddp"  # with several GPUs: ddp (replicas) | fsdp (sharded, for models too big for one GPU)
 
 
