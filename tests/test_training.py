@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,11 +11,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from steps.artifacts import run_key
+from steps.artifacts import StageError, run_key
 from steps.data import load_split
 from steps.losses import shifted_ce
 from steps.models import load_model
-from steps.training import LoopSettings, lr_at, next_token_loss, train
+from steps.training import LoopSettings, batch_at, lr_at, next_token_loss, perplexity, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_training_lowers_the_loss(model_dir, data_dir):
 KILLED_RUN = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from steps.artifacts import run_key
+from steps.artifacts import StageError, run_key
 from steps.data import load_split
 from steps.models import load_model
 from steps.training import LoopSettings, next_token_loss, train
@@ -172,3 +173,165 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(model_di
     assert plain_calls == 2 and ckpt_calls == 4  # each layer's attention runs again in the backward pass
     assert [r["loss"] for r in ckpt_history] == [r["loss"] for r in plain_history]
     assert_same_weights(plain, ckpt, atol=1e-6)
+
+
+# ---------------------------------------------------------------- batch index, validation, metrics, non-finite stops
+
+
+def test_batch_index_names_the_rows_it_holds(data_dir):
+    blocks = load_split(data_dir, "train")
+    settings = LoopSettings(batch_size=3, grad_accum=2, seed=5)
+    seen = []
+    for step in range(3):
+        for micro in range(2):
+            batch = batch_at(blocks, step, micro, settings, "cpu")
+            index = batch["index"]
+            assert index.dtype == torch.long and index.device.type == "cpu" and index.shape == (3,)
+            rows = blocks[index.tolist()]
+            assert torch.equal(batch["input_ids"], rows["input_ids"]) and torch.equal(batch["labels"], rows["labels"])
+            seen.append(index.tolist())
+    assert len({tuple(s) for s in seen}) == len(seen)  # the rows differ from micro-batch to micro-batch
+
+
+def tiny_blocks(model, lengths: list[int], seq: int = 6):
+    """Blocks of random tokens whose first `n` labels are learned and the rest -100 (as chat data masks)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (len(lengths), seq), generator=g)
+    labels = ids.clone()
+    for row, n in enumerate(lengths):
+        labels[row, n:] = -100
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+
+def test_perplexity_is_exp_of_the_mean_cross_entropy_over_learned_tokens(model_dir):
+    model = load_model(model_dir)
+    model.train()
+    # learned-token counts differ between the batches, so a mean of batch means is another number
+    blocks = tiny_blocks(model, [6, 2, 5, 3, 6])
+    nll, count = 0.0, 0
+    for row in range(4):  # by hand: each scored position of the first 4 blocks, one at a time
+        ids, labels = blocks[row]["input_ids"], blocks[row]["labels"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != -100:
+                nll -= logp[t, labels[t + 1]].item()
+                count += 1
+    assert count == 5 + 1 + 4 + 2
+    assert perplexity(model, blocks, 4, 3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert model.training  # back to training mode for the loop
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_have_one_row_per_step_and_val_perplexity_on_eval_steps(model_dir, data_dir, tmp_path):
+    blocks, val = load_split(data_dir, "train"), load_split(data_dir, "val")
+    metrics = tmp_path / "logs" / "run" / "metrics.jsonl"  # its directories do not exist yet
+    settings = LoopSettings(steps=5, batch_size=4, lr=1e-2, warmup=2, log_every=10, eval_every=2, eval_blocks=3)
+    losses = []
+
+    def loss_fn(model, batch):
+        loss, _ = next_token_loss(model, batch)
+        losses.append(loss.item())
+        return loss, {"twice": 2 * loss.item()}
+
+    model = load_model(model_dir)
+    history = train(model, blocks, loss_fn, settings, val_blocks=val, metrics_path=metrics)
+    rows = read_rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for row, loss in zip(rows, losses):
+        assert row["loss"] == pytest.approx(loss) and row["twice"] == pytest.approx(2 * loss)
+        assert row["lr"] == pytest.approx(lr_at(row["step"] - 1, settings)) and row["tokens_per_s"] > 0
+    assert [r["step"] for r in rows if "val_perplexity" in r] == [2, 4, 5]  # every 2 steps and after the last
+    assert rows[-1]["val_perplexity"] == pytest.approx(perplexity(model, val, 3, 4), abs=1e-4)
+    assert rows[1]["val_perplexity"] > rows[-1]["val_perplexity"]  # training lowers it
+    # the log lines carry it too: each eval step logs, whatever log_every says
+    evaluated = {r["step"]: r["val_perplexity"] for r in rows if "val_perplexity" in r}
+    assert {r["step"]: r["val_perplexity"] for r in history} == evaluated
+
+    metrics.write_text('{"step": 99, "loss": 0}\n')  # a stale file: a fresh run starts it over
+    train(load_model(model_dir), blocks, next_token_loss, LoopSettings(steps=2, log_every=1), metrics_path=metrics)
+    assert [r["step"] for r in read_rows(metrics)] == [1, 2]
+    assert all("val_perplexity" not in r for r in read_rows(metrics))  # eval_every: 0
+
+
+class Killed(Exception):
+    pass
+
+
+def stop_at_step(n: int, loss_fn=next_token_loss, make_loss=None):
+    """A loss_fn for grad_accum 1: step `n` raises Killed (a job killed there), or with `make_loss` returns
+    make_loss(model, loss) instead of the loss."""
+    calls = []
+
+    def fn(model, batch):
+        calls.append(1)
+        loss, extra = loss_fn(model, batch)
+        if len(calls) == n:
+            if make_loss is None:
+                raise Killed
+            return make_loss(model, loss), extra
+        return loss, extra
+
+    return fn
+
+
+def test_a_resumed_run_lists_each_step_once_in_the_metrics(model_dir, data_dir, tmp_path):
+    blocks = load_split(data_dir, "train")
+    metrics, ckpt = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    settings = LoopSettings(steps=6, lr=1e-2, warmup=1, log_every=1, checkpoint_every=3)
+    with pytest.raises(Killed):  # dies in step 5: step 4 is in the metrics, the checkpoint holds step 3
+        train(load_model(model_dir), blocks, stop_at_step(5), settings, ckpt, "k", metrics_path=metrics)
+    first = read_rows(metrics)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    train(load_model(model_dir), blocks, next_token_loss, settings, ckpt, "k", metrics_path=metrics)
+    rows = read_rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[:3] == first[:3]  # the resumed run keeps what it resumed from
+
+
+def test_a_nan_loss_stops_before_its_update_and_keeps_the_checkpoint(model_dir, data_dir, tmp_path):
+    blocks = load_split(data_dir, "train")
+    ckpt = tmp_path / "ckpt"
+    settings = LoopSettings(steps=5, lr=1e-2, warmup=1, log_every=1, checkpoint_every=2)
+    after_two = load_model(model_dir)
+    with pytest.raises(Killed):
+        train(after_two, blocks, stop_at_step(3), settings)
+
+    model = load_model(model_dir)
+    with pytest.raises(StageError) as err:
+        train(model, blocks, stop_at_step(3, make_loss=lambda m, loss: loss * float("nan")), settings, ckpt, "k")
+    message = str(err.value.code)
+    assert "\n" not in message and message.startswith("error: step 3: the loss is nan")
+    assert "lower lr" in message and "bf16: false" in message
+    assert f"the last good checkpoint {ckpt} (step 2) is kept and a rerun resumes from it" in message
+    assert all(torch.equal(a, b) for a, b in zip(after_two.parameters(), model.parameters()))  # no update from step 3
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    history = train(load_model(model_dir), blocks, next_token_loss, settings, ckpt, "k")
+    assert history[0]["step"] == 3  # the rerun resumes from it
+
+
+def infinite_gradient(model, loss):
+    """The same loss value, with a gradient of inf: d sqrt(x)/dx at x = 0."""
+    w = model.lm_head.weight
+    return loss + (w.sum() - w.sum().detach()).sqrt()
+
+
+def test_an_infinite_gradient_norm_stops_before_the_optimizer_step(model_dir, data_dir, tmp_path):
+    blocks = load_split(data_dir, "train")
+    settings = LoopSettings(steps=5, lr=1e-2, warmup=1, log_every=1)
+    after_two = load_model(model_dir)
+    with pytest.raises(Killed):
+        train(after_two, blocks, stop_at_step(3), settings)
+
+    model = load_model(model_dir)
+    with pytest.raises(StageError) as err:
+        train(model, blocks, stop_at_step(3, make_loss=infinite_gradient), settings, tmp_path / "ckpt", "k")
+    message = str(err.value.code)
+    assert message.startswith("error: step 3: the gradient norm is inf") and "no checkpoint is kept" in message
+    assert all(torch.equal(a, b) for a, b in zip(after_two.parameters(), model.parameters()))
+    assert not (tmp_path / "ckpt").exists()
