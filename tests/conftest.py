@@ -27,6 +27,9 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tests-hf-home-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub, whatever the caller's environment says
 
+# A short training run for the tiny models (distillation tests, the trained teacher below).
+TRAIN = {"steps": 40, "batch_size": 8, "lr": 1e-2, "warmup": 2, "log_every": 10}
+
 TINY_ARCH = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -75,6 +78,21 @@ def make_model_dir(path: Path, tokenizer_dir: Path, seed: int = 0, **arch) -> Pa
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("model") / "tiny", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer_dir, data_dir):
+    """A teacher that learned something: the tiny model after a short pre-training."""
+    from steps.base import from_scratch
+    from steps.models import save_model
+
+    spec = {"scratch": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "num_key_value_heads": 1, "max_position_embeddings": 64},
+            "pretrain": {**TRAIN, "steps": 60}}
+    model, tokenizer = from_scratch(spec, str(tokenizer_dir), str(data_dir))
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    save_model(model, tokenizer, out)
+    return out
 
 
 def copy_workflow(dest: Path) -> Path:

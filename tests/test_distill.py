@@ -1,28 +1,11 @@
 import pytest
 import torch
 
-from conftest import make_model_dir, reference_kd
+from conftest import TRAIN, make_model_dir, reference_kd
 from steps.artifacts import read_manifest
 from steps.distill import DistillSettings, run
 from steps.evaluate import EvaluateSettings
 from steps.evaluate import run as evaluate
-
-TRAIN = {"steps": 40, "batch_size": 8, "lr": 1e-2, "warmup": 2, "log_every": 10}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer_dir, data_dir):
-    """A teacher that learned something: the tiny model after a short pre-training."""
-    from steps.base import from_scratch
-    from steps.models import save_model
-
-    spec = {"scratch": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "num_key_value_heads": 1, "max_position_embeddings": 64},
-            "pretrain": {**TRAIN, "steps": 60}}
-    model, tokenizer = from_scratch(spec, str(tokenizer_dir), str(data_dir))
-    out = tmp_path_factory.mktemp("teacher") / "teacher"
-    save_model(model, tokenizer, out)
-    return out
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
