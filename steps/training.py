@@ -171,7 +171,7 @@ def _stop_if_not_finite(value: torch.Tensor, what: str, step: int, settings: Loo
         return
     saved = _checkpoint_step(checkpoint, key)
     kept = (f"the last good checkpoint {checkpoint} (step {saved}) is kept and a rerun resumes from it"
-            if saved is not None else "no checkpoint is kept, a rerun starts over")
+            if saved is not None else "no checkpoint of this run to resume from: a rerun starts over")
     raise StageError(
         f"step {step}: {what} is {value.item()}; training stopped before this step's update "
         f"(lower lr, now {settings.lr}, raise warmup, or set bf16: false if it is on); {kept}"

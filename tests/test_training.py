@@ -328,10 +328,14 @@ def test_an_infinite_gradient_norm_stops_before_the_optimizer_step(model_dir, da
     with pytest.raises(Killed):
         train(after_two, blocks, stop_at_step(3), settings)
 
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text('{"step": 4, "key": "other settings"}')  # not this run's: no resuming from it
     model = load_model(model_dir)
     with pytest.raises(StageError) as err:
-        train(model, blocks, stop_at_step(3, make_loss=infinite_gradient), settings, tmp_path / "ckpt", "k")
+        train(model, blocks, stop_at_step(3, make_loss=infinite_gradient), settings, ckpt, "k")
     message = str(err.value.code)
-    assert message.startswith("error: step 3: the gradient norm is inf") and "no checkpoint is kept" in message
+    assert message.startswith("error: step 3: the gradient norm is inf")
+    assert message.endswith("no checkpoint of this run to resume from: a rerun starts over")
     assert all(torch.equal(a, b) for a, b in zip(after_two.parameters(), model.parameters()))
-    assert not (tmp_path / "ckpt").exists()
+    assert [p.name for p in ckpt.iterdir()] == ["state.json"] and "other settings" in (ckpt / "state.json").read_text()
