@@ -33,6 +33,8 @@ rule base_model:
     resources:
         **rule_resources("base_model"),
     log:
-        "logs/base_model/{alias}.log",
+        main="logs/base_model/{alias}.log",
+        metrics="logs/base_model/{alias}.metrics.jsonl",  # pre-training's per-step numbers (scratch + pretrain:)
     shell:
-        "{params.launch} steps.base --spec {params.spec:q} {params.args} --out {output} > {log} 2>&1"
+        "{params.launch} steps.base --spec {params.spec:q} {params.args} --metrics {log.metrics}"
+        " --out {output} > {log.main} 2>&1"

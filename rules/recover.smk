@@ -15,7 +15,8 @@ rule recover:
     resources:
         **rule_resources("recover"),
     log:
-        "logs/recover/{recipe}/{teacher}_{student}.log",
+        main="logs/recover/{recipe}/{teacher}_{student}.log",
+        metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",
     shell:
-        "{params.launch} steps.recover --model {input.model} --data {input.data}"
-        " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "{params.launch} steps.recover --model {input.model} --data {input.data} --checkpoints {params.checkpoints}"
+        " --metrics {log.metrics} --settings {params.settings:q} --out {output} > {log.main} 2>&1"

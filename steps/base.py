@@ -8,7 +8,8 @@
   GGUF quantization config left, so later stages read it like any model.
 - `scratch:` a Llama architecture, randomly initialised with `seed` over a
   tokenizer directory and, with `pretrain:`, trained with plain next-token
-  cross-entropy on the train split (the demo's teacher).
+  cross-entropy on the train split (the demo's teacher); `--metrics` then gets
+  one JSON line per step, and `eval_every` adds the val split's perplexity.
 
 `path:` entries need no materialising: the rules read them where they are.
 """
@@ -50,7 +51,7 @@ def from_hub(spec: dict):
     return model, tokenizer
 
 
-def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None):
+def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None, metrics: str | None = None):
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_scratch(spec["scratch"], tokenizer, seed=spec.get("seed", 0))
     if spec.get("pretrain"):
@@ -60,12 +61,15 @@ def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None):
             raise StageError("scratch model with pretrain: needs prepared data (--data)")
         model.to(pick_device())
         settings = settings_from(LoopSettings, spec["pretrain"])
-        train(model, load_split(data_dir, "train"), next_token_loss, settings)
+        val = load_split(data_dir, "val") if settings.eval_every > 0 else None
+        train(model, load_split(data_dir, "train"), next_token_loss, settings, val_blocks=val, metrics_path=metrics)
         model.to("cpu")
     return model, tokenizer
 
 
-def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | None = None) -> None:
+def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | None = None,
+        metrics: str | None = None) -> None:
+    """`metrics`: the per-step JSONL of pre-training; nothing is written there when nothing trains."""
     started = time.time()
     if "hub" in spec:
         model, tokenizer = from_hub(spec)
@@ -76,7 +80,7 @@ def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | 
     elif "scratch" in spec:
         if not tokenizer_dir:
             raise StageError("scratch model needs a tokenizer directory (--tokenizer)")
-        model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir)
+        model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir, metrics)
         inputs = {"tokenizer": tokenizer_dir, **({"data": data_dir} if data_dir else {})}
     else:
         raise StageError(f"model spec {spec} has nothing to materialise; give hub:, gguf: or scratch:")
@@ -91,9 +95,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokenizer", help="tokenizer directory (scratch models)")
     parser.add_argument("--data", help="prepared data directory (scratch models with pretrain:)")
+    parser.add_argument("--metrics", help="JSONL of per-step training metrics (scratch models with pretrain:)")
     args = parser.parse_args(argv)
     setup_logging()
-    run(json.loads(args.spec), args.out, args.tokenizer, args.data)
+    run(json.loads(args.spec), args.out, args.tokenizer, args.data, args.metrics)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Recover: LoRA fine-tuning with peft after pruning, merged back into plain weights.
 
-    python -m steps.recover --model DIR --data DIR --out DIR [--checkpoints DIR] --settings JSON
+    python -m steps.recover --model DIR --data DIR --out DIR [--checkpoints DIR] [--metrics FILE] --settings JSON
 
 Adapters of rank `rank` on `target_modules` are trained with next-token loss
 on the train split, then `merge_and_unload` folds them into the base weights:
 the output is a dense model of the pruned shape, as fast as before recovery.
-Trade-off: merging gives up swapping adapters at serving time.
+Trade-off: merging gives up swapping adapters at serving time. `--metrics` gets
+one JSON line per step; `train.eval_every` adds the val split's perplexity.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def add_lora(model, settings: RecoverSettings):
         raise StageError(f"LoRA target_modules {settings.target_modules} do not fit this model: {err}") from None
 
 
-def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, checkpoints=None) -> None:
+def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, checkpoints=None, metrics=None) -> None:
     if settings.method != "lora":
         raise StageError(f"unknown recover method {settings.method!r}; supported: lora")
     loop = settings_from(LoopSettings, settings.train)
@@ -64,7 +65,9 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     trainable, total = peft_model.get_nb_trainable_parameters()
 
     key = run_key(settings, model_dir, data_dir)
-    history = train(peft_model, load_split(data_dir, "train"), next_token_loss, loop, checkpoints, key)
+    val = load_split(data_dir, "val") if loop.eval_every > 0 else None
+    history = train(peft_model, load_split(data_dir, "train"), next_token_loss, loop, checkpoints, key,
+                    val_blocks=val, metrics_path=metrics)
     if distributed.is_main():  # DDP replicas are identical: one writer
         merged = peft_model.merge_and_unload().to("cpu")
         with atomic_dir(out) as tmp:
@@ -84,10 +87,11 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
+    parser.add_argument("--metrics", help="JSONL of per-step training metrics")
     parser.add_argument("--settings", default="{}", help="JSON of RecoverSettings")
     args = parser.parse_args(argv)
     setup_logging()
-    run(args.model, args.data, args.out, settings_from(RecoverSettings, args.settings), args.checkpoints)
+    run(args.model, args.data, args.out, settings_from(RecoverSettings, args.settings), args.checkpoints, args.metrics)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,44 @@ def test_pickled_only_model_directory_is_refused_with_one_line_and_no_output(tmp
     assert "\n" not in message and message.startswith(f"error: cannot load model {pickled}: ")
     assert "no *.safetensors weights found (pickled .bin weights are refused)" in message
     assert not out.exists() and not list(tmp_path.glob(".pruned*"))
+
+
+# ---------------------------------------------------------------- pre-training metrics
+
+
+def test_pretraining_writes_per_step_metrics_and_only_when_it_trains(tokenizer_dir, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from steps.base import main
+    from steps.data import load_split
+    from steps.training import perplexity
+
+    spec = {"scratch": ARCH, "seed": 0,
+            "pretrain": {"steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 2, "eval_blocks": 4}}
+    out, metrics = tmp_path / "teacher", tmp_path / "logs" / "teacher.metrics.jsonl"
+    main(["--spec", json.dumps(spec), "--tokenizer", str(tokenizer_dir), "--data", str(data_dir),
+          "--metrics", str(metrics), "--out", str(out)])
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows if "val_perplexity" in r] == [2, 3]
+    saved = AutoModelForCausalLM.from_pretrained(out)  # the val split (not train) scored by the pre-trained model
+    assert rows[-1]["val_perplexity"] == pytest.approx(perplexity(saved, load_split(data_dir, "val"), 4, 4), abs=1e-3)
+
+    untrained = tmp_path / "logs" / "student.metrics.jsonl"  # no pretrain: nothing trains, nothing is written
+    main(["--spec", json.dumps({"scratch": ARCH}), "--tokenizer", str(tokenizer_dir), "--metrics", str(untrained),
+          "--out", str(tmp_path / "student")])
+    assert (tmp_path / "student" / "model.safetensors").exists() and not untrained.exists()
+
+
+def test_base_model_rule_logs_metrics_next_to_its_log(tmp_path):
+    """The metrics JSONL is a named log of the rule: Snakemake makes its directory and lists it on failure."""
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), "models/base/teacher",
+         "--configfile", str(REPO / "config" / "config.yaml")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (command,) = [line for line in result.stdout.splitlines() if "-m steps.base " in line]
+    assert "--data data/" in command  # the config's teacher pre-trains
+    assert " --metrics logs/base_model/teacher.metrics.jsonl " in command
+    assert command.endswith(" > logs/base_model/teacher.log 2>&1")

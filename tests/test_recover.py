@@ -1,11 +1,16 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from steps.artifacts import read_manifest
-from steps.recover import RecoverSettings, run
+from steps.data import load_split
+from steps.recover import RecoverSettings, main, run
+from steps.training import perplexity
 
 TRAIN = {"steps": 10, "batch_size": 4, "lr": 1e-2, "warmup": 1, "log_every": 5}
 
@@ -56,3 +61,32 @@ def test_fsdp_is_refused_before_the_model_is_loaded(model_dir, data_dir, tmp_pat
     with pytest.raises(SystemExit, match="recover trains small LoRA adapters: use parallel: ddp"):
         run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(train={**TRAIN, "parallel": "fsdp"}))
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_writes_per_step_metrics_with_the_val_perplexity(model_dir, data_dir, tmp_path):
+    out, metrics = tmp_path / "recovered", tmp_path / "logs" / "recover.metrics.jsonl"
+    settings = {"rank": 4, "target_modules": ["q_proj", "v_proj"],
+                "train": {**TRAIN, "steps": 3, "log_every": 1, "eval_every": 2, "eval_blocks": 4}}
+    main(["--model", str(model_dir), "--data", str(data_dir), "--out", str(out), "--metrics", str(metrics),
+          "--settings", json.dumps(settings)])
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows if "val_perplexity" in r] == [2, 3]
+    # the val split's first 4 blocks, scored by the merged output: the adapters' model at the last step
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert rows[-1]["val_perplexity"] == pytest.approx(perplexity(merged, load_split(data_dir, "val"), 4, 4), rel=1e-4)
+    assert read_manifest(out)["history"][-1]["val_perplexity"] == rows[-1]["val_perplexity"]
+
+
+def test_rule_logs_metrics_next_to_its_log(tmp_path):
+    """The metrics JSONL is a named log of the rule: Snakemake makes its directory and lists it on failure."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(repo / "Snakefile"), "models/default/teacher_student/recovered",
+         "--configfile", str(repo / "config" / "config.yaml")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (command,) = [line for line in result.stdout.splitlines() if "-m steps.recover " in line]
+    assert " --metrics logs/recover/default/teacher_student.metrics.jsonl " in command
+    assert command.endswith(" > logs/recover/default/teacher_student.log 2>&1")
