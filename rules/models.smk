@@ -30,11 +30,13 @@ rule base_model:
         args=base_args,
         code=code_fingerprint("base"),
         launch=launcher("base_model"),
+        # pre-training's per-step numbers (scratch + pretrain:); a param, not a log: Snakemake deletes a job's
+        # logs before it reruns, and a resumed run appends to the rows it wrote before it was killed
+        metrics="logs/base_model/{alias}.metrics.jsonl",
     resources:
         **rule_resources("base_model"),
     log:
-        main="logs/base_model/{alias}.log",
-        metrics="logs/base_model/{alias}.metrics.jsonl",  # pre-training's per-step numbers (scratch + pretrain:)
+        "logs/base_model/{alias}.log",
     shell:
-        "{params.launch} steps.base --spec {params.spec:q} {params.args} --metrics {log.metrics}"
-        " --out {output} > {log.main} 2>&1"
+        "{params.launch} steps.base --spec {params.spec:q} {params.args} --metrics {params.metrics}"
+        " --out {output} > {log} 2>&1"

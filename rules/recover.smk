@@ -10,13 +10,13 @@ rule recover:
     params:
         settings=settings_for("recover"),
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
+        metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("recover"),
         launch=launcher("recover", data_parallel=True),
     resources:
         **rule_resources("recover"),
     log:
-        main="logs/recover/{recipe}/{teacher}_{student}.log",
-        metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",
+        "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:
         "{params.launch} steps.recover --model {input.model} --data {input.data} --checkpoints {params.checkpoints}"
-        " --metrics {log.metrics} --settings {params.settings:q} --out {output} > {log.main} 2>&1"
+        " --metrics {params.metrics} --settings {params.settings:q} --out {output} > {log} 2>&1"

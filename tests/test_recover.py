@@ -79,7 +79,8 @@ def test_cli_writes_per_step_metrics_with_the_val_perplexity(model_dir, data_dir
 
 
 def test_rule_logs_metrics_next_to_its_log(tmp_path):
-    """The metrics JSONL is a named log of the rule: Snakemake makes its directory and lists it on failure."""
+    """The metrics JSONL sits next to the rule's log, passed as a param: Snakemake deletes a job's logs before a
+    rerun, and a resumed run must keep the rows it wrote before it was killed."""
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(repo / "Snakefile"), "models/default/teacher_student/recovered",
