@@ -24,10 +24,31 @@ def blocks(data_dir):
     return load_split(data_dir, "train")[:4]
 
 
+def load(path):
+    """A tiny model whose pad token has a real embedding, as a trained model's end-of-text token does: the
+    scratch init zeroes that row (padding_idx), which would hide a mask that lets padding in."""
+    model = load_model(path)
+    with torch.no_grad():
+        row = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        model.model.embed_tokens.weight[PAD] = row
+    return model
+
+
+def tiny_gpt2():
+    """A tiny GPT-2: absolute position embeddings, so a padded row reads right only with the right position_ids
+    (Llama's rotary attention sees relative positions alone and forgives a shift)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = PAD
+    return GPT2LMHeadModel(config).eval()  # eval: no dropout
+
+
 def padded_prompts():
-    """Three prompts of 2, 5 and 3 tokens, left-padded to 5; row 0's prompt is [PAD, 17]: a real token with
-    the pad's value, which only the mask tells apart from padding."""
-    prompt_ids = torch.tensor([[PAD, PAD, PAD, PAD, 17], [5, 6, 7, 8, 9], [PAD, PAD, 40, 41, 42]])
+    """Three prompts of 2, 5 and 3 tokens, left-padded to 5. Row 0's prompt is [17, PAD]: its last token has
+    the pad's value (an end-of-text token, as packed blocks hold), which only the mask tells apart from padding."""
+    prompt_ids = torch.tensor([[PAD, PAD, PAD, 17, PAD], [5, 6, 7, 8, 9], [PAD, PAD, 40, 41, 42]])
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     return prompt_ids, mask
 
@@ -38,7 +59,7 @@ def padded_prompts():
 @pytest.mark.parametrize(
     "batch_size, share, rows",
     [(8, 0.0, 0), (8, 0.01, 1), (1, 0.3, 1), (8, 0.25, 2), (8, 0.3, 2), (8, 0.33, 3), (4, 0.625, 3), (8, 1.0, 8),
-     (3, 0.9, 3), (16, 0.5, 8)],
+     (3, 0.9, 3), (16, 0.5, 8), (0, 0.5, 0)],
 )
 def test_rows_on_policy_is_the_nearest_count_at_least_one_when_on(batch_size, share, rows):
     assert rows_on_policy(batch_size, share) == rows
@@ -63,9 +84,9 @@ def test_check_refuses_each_bad_setting_in_one_line(change, message):
 
 
 def test_check_accepts_the_edges():
-    for settings in (OnPolicySettings(), OnPolicySettings(share=1.0, prompt_tokens=31, max_new_tokens=1, temperature=0.1, top_k=1),
-                     OnPolicySettings(share=0.0, prompt_tokens=1, top_k=0)):
-        check(settings, block_size=32)
+    check(OnPolicySettings(), block_size=32)
+    check(OnPolicySettings(share=1.0, prompt_tokens=31, max_new_tokens=1, temperature=0.1, top_k=1), block_size=32)
+    check(OnPolicySettings(share=0.0, prompt_tokens=1, top_k=0), block_size=32)
 
 
 # ---------------------------------------------------------------- prompts
@@ -115,11 +136,11 @@ def test_a_masked_prompt_is_kept_whole_up_to_block_size_minus_one(blocks):
 
 
 def test_generated_sequences_keep_the_prompt_and_mask_it(model_dir):
-    student = load_model(model_dir).train()
+    student = load(model_dir).train()
     prompt_ids, mask = padded_prompts()
     torch.manual_seed(0)
     seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
-    assert seq["input_ids"].shape == seq["labels"].shape == seq["attention_mask"].shape == seq["position_ids"].shape == (3, 11)
+    assert all(seq[key].shape == (3, 11) for key in ("input_ids", "labels", "attention_mask", "position_ids"))
     assert (seq["input_ids"][:, :5] == prompt_ids).all()
     assert (seq["labels"][:, :5] == -100).all()
     assert (seq["labels"][:, 5:] == seq["input_ids"][:, 5:]).all() and (seq["labels"][:, 5:] >= 0).all()
@@ -129,21 +150,25 @@ def test_generated_sequences_keep_the_prompt_and_mask_it(model_dir):
     assert student.training  # put back in the mode it came in
 
 
-def test_generation_is_seeded_and_restores_eval_mode(model_dir):
-    student = load_model(model_dir).eval()
+def test_generation_is_seeded_runs_in_eval_mode_and_restores_the_mode(model_dir):
+    student = load(model_dir)
     prompt_ids, mask = padded_prompts()
     settings = OnPolicySettings(max_new_tokens=8, temperature=1.5, top_k=50)
+    modes = set()
+    student.register_forward_pre_hook(lambda module, args: modes.add(module.training))
     runs = []
-    for seed in (3, 3, 4):
+    for seed, mode in ((3, True), (3, False), (4, True)):
+        student.train(mode)
         torch.manual_seed(seed)
         runs.append(generate(student, prompt_ids, mask, settings, pad_id=PAD)["input_ids"])
+        assert student.training == mode  # put back in the mode it came in
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    assert not student.training
+    assert modes == {False}  # sampled in eval mode (no dropout), even when training
 
 
 def test_eos_does_not_stop_a_row(model_dir):
     """Every token declared an end token: a generate that honoured EOS would stop after one token."""
-    student = load_model(model_dir)
+    student = load(model_dir)
     student.generation_config.eos_token_id = list(range(student.config.vocab_size))
     prompt_ids, mask = padded_prompts()
     seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=7), pad_id=PAD)
@@ -153,7 +178,7 @@ def test_eos_does_not_stop_a_row(model_dir):
 
 def test_sampling_follows_the_settings_not_the_models_generation_defaults(model_dir):
     """A released model may ship top_p / repetition_penalty defaults; the settings alone decide sampling."""
-    student = load_model(model_dir)
+    student = load(model_dir)
     prompt_ids, mask = padded_prompts()
     settings = OnPolicySettings(max_new_tokens=12)
     torch.manual_seed(0)
@@ -164,17 +189,21 @@ def test_sampling_follows_the_settings_not_the_models_generation_defaults(model_
     assert torch.equal(generate(student, prompt_ids, mask, settings, pad_id=PAD)["input_ids"], plain)
 
 
-def test_top_k_one_samples_the_greedy_continuation(model_dir):
-    student = load_model(model_dir)
+@pytest.mark.parametrize("settings", [OnPolicySettings(max_new_tokens=4, top_k=1), OnPolicySettings(max_new_tokens=4, temperature=1e-5)],
+                         ids=["top_k=1", "temperature=1e-5"])
+def test_top_k_one_or_a_near_zero_temperature_samples_the_greedy_continuation(model_dir, settings):
+    student = load(model_dir)
     prompt_ids, mask = padded_prompts()
-    seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=4, top_k=1), pad_id=PAD)
+    torch.manual_seed(0)
+    seq = generate(student, prompt_ids, mask, settings, pad_id=PAD)
     with torch.no_grad():
         logits = student(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], position_ids=seq["position_ids"]).logits
     assert torch.equal(logits[:, 4:-1].argmax(-1), seq["input_ids"][:, 5:])
 
 
-def test_a_left_padded_row_reads_like_the_same_row_unpadded(model_dir):
-    student = load_model(model_dir)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_left_padded_row_reads_like_the_same_row_unpadded(model_dir, kind):
+    student = load(model_dir) if kind == "llama" else tiny_gpt2()
     prompt_ids, mask = padded_prompts()
     torch.manual_seed(0)
     seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
@@ -183,16 +212,37 @@ def test_a_left_padded_row_reads_like_the_same_row_unpadded(model_dir):
         batched = student(**inputs).logits
         for row in (0, 2):
             real = seq["attention_mask"][row].bool()
-            alone = student(input_ids=seq["input_ids"][row, real][None]).logits[0]
+            ids = seq["input_ids"][row, real][None]
+            alone = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
             torch.testing.assert_close(batched[row, real], alone, atol=1e-4, rtol=0)
     assert torch.isfinite(batched).all()  # padding positions too: a NaN there would poison a masked mean
+
+
+def test_a_padded_rows_loss_equals_the_loss_of_the_row_alone():
+    """On an absolute-position model the loss must feed position_ids, not only the attention mask."""
+    student, teacher = tiny_gpt2(), tiny_gpt2()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompt_ids, mask = padded_prompts()
+    torch.manual_seed(0)
+    seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
+    kd = functools.partial(forward_kl, temperature=1.0)
+    with torch.no_grad():
+        for row in (0, 2):
+            real = seq["attention_mask"][row].bool()
+            alone = {key: value[row, real][None] for key, value in seq.items()}
+            alone["position_ids"] = torch.arange(int(real.sum()))[None]
+            padded = {key: value[row : row + 1] for key, value in seq.items()}
+            expected = on_policy_loss(student, teacher, alone, kd, vocab=400)
+            torch.testing.assert_close(on_policy_loss(student, teacher, padded, kd, vocab=400), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_generate_unwraps_a_ddp_student(model_dir, tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    student = load_model(model_dir)
+    student = load(model_dir)
     prompt_ids, mask = padded_prompts()
     settings = OnPolicySettings(max_new_tokens=5)
     torch.manual_seed(0)
@@ -213,7 +263,7 @@ def test_generate_unwraps_a_ddp_student(model_dir, tmp_path):
 def padded_vocab_model(path, extra: int = 16):
     """The model with its embedding rows padded past the tokenizer, the padding rows loud enough to
     dominate a softmax they were let into."""
-    model = load_model(path)
+    model = load(path)
     vocab = model.config.vocab_size
     model.resize_token_embeddings(vocab + extra)
     with torch.no_grad():
@@ -226,7 +276,8 @@ def test_loss_is_the_kd_over_generated_tokens_only(model_dir, teacher_dir, token
     student, teacher = padded_vocab_model(model_dir), padded_vocab_model(teacher_dir).eval()
     prompt_ids, mask = padded_prompts()
     torch.manual_seed(0)
-    seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
+    seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD, vocab=vocab)
+    assert seq["input_ids"].max() < vocab  # the loud padding rows are never sampled
     loss = on_policy_loss(student, teacher, seq, functools.partial(forward_kl, temperature=2.0), vocab=vocab)
 
     inputs = {key: seq[key] for key in ("input_ids", "attention_mask", "position_ids")}
@@ -239,7 +290,7 @@ def test_loss_is_the_kd_over_generated_tokens_only(model_dir, teacher_dir, token
 
 
 def test_the_mask_scores_every_generated_token_and_nothing_else(model_dir, teacher_dir):
-    student, teacher = load_model(model_dir), load_model(teacher_dir)
+    student, teacher = load(model_dir), load(teacher_dir)
     prompt_ids, mask = padded_prompts()
     seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
     seen = {}
@@ -254,18 +305,19 @@ def test_the_mask_scores_every_generated_token_and_nothing_else(model_dir, teach
 
 
 def test_generated_tokens_reach_the_loss_and_its_gradient_reaches_the_student(model_dir, teacher_dir):
-    student, teacher = load_model(model_dir), load_model(teacher_dir)  # the teacher left trainable on purpose
+    student, teacher = load(model_dir), load(teacher_dir)  # the teacher left trainable on purpose
     prompt_ids, mask = padded_prompts()
     torch.manual_seed(0)
     seq = generate(student, prompt_ids, mask, OnPolicySettings(max_new_tokens=6), pad_id=PAD)
     kd = functools.partial(forward_kl, temperature=1.0)
-    loss = on_policy_loss(student, teacher, seq, kd, vocab=student.config.vocab_size)
+    vocab = student.config.vocab_size
+    loss = on_policy_loss(student, teacher, seq, kd, vocab=vocab)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())  # the teacher ran without a graph
 
     changed = {key: value.clone() for key, value in seq.items()}
-    changed["input_ids"][1, 7] = (changed["input_ids"][1, 7] + 1) % 400  # a generated token the student wrote
+    changed["input_ids"][1, 7] = (changed["input_ids"][1, 7] + 1) % vocab  # a generated token the student wrote
     changed["labels"][1, 7] = changed["input_ids"][1, 7]
     with torch.no_grad():
-        assert on_policy_loss(student, teacher, changed, kd, vocab=400) != loss.detach()
+        assert on_policy_loss(student, teacher, changed, kd, vocab=vocab) != loss.detach()

@@ -52,7 +52,9 @@ def check(settings: OnPolicySettings, block_size: int) -> None:
             f"set it between 1 and {block_size - 1} (a prompt is a prefix of a block)"
         )
     if settings.max_new_tokens < 1:
-        raise StageError(f"{key}.max_new_tokens is {settings.max_new_tokens}; the student must write at least 1 token: set it to 1 or more")
+        raise StageError(
+            f"{key}.max_new_tokens is {settings.max_new_tokens}; the student must write at least 1 token: set it to 1 or more"
+        )
     if not settings.temperature > 0:
         raise StageError(f"{key}.temperature is {settings.temperature}; sampling needs a temperature above 0 (1.0 = unchanged)")
     if settings.top_k < 0:
@@ -88,7 +90,10 @@ def prompts(input_ids: torch.Tensor, labels: torch.Tensor, settings: OnPolicySet
     return prompt_ids, attention_mask
 
 
-def generate(student, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, settings: OnPolicySettings, pad_id: int) -> dict:
+def generate(
+    student, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, settings: OnPolicySettings, pad_id: int,
+    vocab: int | None = None,
+) -> dict:
     """Sequences the student samples after each prompt: input_ids, attention_mask, position_ids, labels.
 
     Exactly `max_new_tokens` tokens per row: EOS does not stop a row (it is
@@ -96,10 +101,14 @@ def generate(student, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, se
     the masks stay a prompt part and a generated part. labels hold the
     generated tokens and -100 on the prompt and its padding. Sampling uses the
     settings alone: the model's own generation defaults (a shipped top_p, a
-    repetition penalty) are switched off. The student is sampled in eval mode
-    (no dropout, KV cache on) and put back in the mode it was in.
+    repetition penalty) are switched off, and ids at or past `vocab` (the
+    tokenizer's size, where embedding rows are padded past it) are never drawn.
+    The student is sampled in eval mode (no dropout, KV cache on) and put back
+    in the mode it was in.
     """
     model = getattr(student, "module", student)  # DDP wraps the model; generate lives on the model
+    rows = model.get_output_embeddings().weight.shape[0]
+    padded_ids = list(range(vocab, rows)) if vocab is not None else []
     was_training = model.training
     model.eval()
     try:
@@ -112,7 +121,7 @@ def generate(student, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, se
                 top_k=settings.top_k,
                 top_p=1.0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,  # defaults off
                 max_new_tokens=settings.max_new_tokens,
-                min_new_tokens=0,
+                suppress_tokens=padded_ids,  # not in the tokenizer: nothing the student could ever write
                 eos_token_id=[],  # no stop token: fixed-length rows (None would fall back to the model's EOS)
                 pad_token_id=pad_id,
             )
