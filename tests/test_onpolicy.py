@@ -14,6 +14,16 @@ from steps.models import load_model, load_tokenizer
 PAD = 0  # the demo tokenizer's pad (= eos); a token id the prompts below also use, so only the mask tells padding apart
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Token-by-token sampling of a 32-wide model is all tiny matmuls: more threads only wait on each other,
+    and on a busy 2-core machine they make the file several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tokenizer_dir):
     return make_model_dir(tmp_path_factory.mktemp("onpolicy") / "teacher", tokenizer_dir, seed=1, num_hidden_layers=3)
