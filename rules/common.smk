@@ -31,6 +31,8 @@ wildcard_constraints:
     dataset=_one_of(config["datasets"]),
     alias=_one_of(config["models"]),
     stage=r"teacher|student|distilled|pruned|recovered|quant/" + NAME,
+    k=r"[1-9][0-9]*",
+    dtype=r"float16|bfloat16",
 
 # Jobs that stay on the submitting machine under a cluster executor: downloads need the internet that
 # compute nodes often lack, and gathering a few JSON files into a report is not worth a queue slot.
@@ -186,12 +188,23 @@ def tokenizer_raw(wildcards):
     return raw_dir(spec.get("dataset", config["data"]["dataset"]))
 
 
+def logit_cache_dir(recipe, teacher):
+    """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
+    teacher, dataset, k and dtype only: every student and recipe with those shares one cache."""
+    cache = section(recipe, "distill").get("logit_cache", {})
+    if not cache.get("top_k"):
+        return None
+    return f"cache/logits/{teacher}/{config['data']['dataset']}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
+
+
 def distill_inputs(wildcards):
-    return {
+    inputs = {
         "teacher": base_dir(wildcards.teacher),
         "student": base_dir(wildcards.student),
         "data": data_dir(wildcards.teacher),
     }
+    logits = logit_cache_dir(wildcards.recipe, wildcards.teacher)
+    return {**inputs, "logits": logits} if logits else inputs
 
 
 def upstream(stage):
@@ -217,6 +230,10 @@ def report_inputs(wildcards):
     prefix = f"evals/{recipe}/{wildcards.teacher}_{wildcards.student}"
     names = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
     return {name: f"{prefix}/{stage}.json" for name, stage in zip(names, chain_stages(wildcards.quant))}
+
+
+def cache_args(wildcards, input):
+    return f"--logits {input.logits}" if "logits" in input.keys() else ""
 
 
 def report_args(wildcards, input):
@@ -279,7 +296,8 @@ def alias_tokenizer(wildcards):
     return tokenizer_dir(wildcards.alias)
 
 
-RESOURCES_LIKE = {"prune_model": "prune"}  # the same step on a teacher: a cluster config's prune GPU by default
+# The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
+RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
 
 
 def rule_resources(rule):

@@ -1,4 +1,23 @@
-# Distill: teacher -> student logit KD (steps/distill/).
+# Distill: teacher -> student logit KD (steps/distill/), optionally from a teacher-logit cache.
+
+
+rule teacher_logits:
+    input:
+        teacher=lambda wildcards: base_dir(wildcards.teacher),
+        data=lambda wildcards: data_dir(wildcards.teacher),
+    output:
+        directory("cache/logits/{teacher}/{dataset}/top{k}-{dtype}"),
+    params:
+        settings=lambda wildcards: as_json({"top_k": int(wildcards.k), "dtype": wildcards.dtype}),
+        code=code_fingerprint("logit_cache"),
+        launch=launcher("teacher_logits"),
+    resources:
+        **rule_resources("teacher_logits"),
+    log:
+        "logs/teacher_logits/{teacher}/{dataset}/top{k}-{dtype}.log",
+    shell:
+        "{params.launch} steps.logit_cache --teacher {input.teacher} --data {input.data}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
 rule distill:
@@ -8,7 +27,9 @@ rule distill:
         directory("models/{recipe}/{teacher}_{student}/distilled"),
     params:
         settings=settings_for("distill"),
+        logits=cache_args,
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/distill",
+        metrics="logs/distill/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("distill"),
         launch=launcher("distill", data_parallel=True),
     resources:
@@ -17,4 +38,5 @@ rule distill:
         "logs/distill/{recipe}/{teacher}_{student}.log",
     shell:
         "{params.launch} steps.distill --teacher {input.teacher} --student {input.student} --data {input.data}"
-        " --checkpoints {params.checkpoints} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        " {params.logits} --checkpoints {params.checkpoints} --metrics {params.metrics}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"

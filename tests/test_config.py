@@ -79,6 +79,9 @@ def test_a_typo_stops_snakemake_before_any_job(tmp_path):
     "definition,settings",
     [
         ("distill", "steps.distill:DistillSettings"),
+        ("logit_cache", "steps.logit_cache:CacheSettings"),
+        ("on_policy", "steps.distill.onpolicy:OnPolicySettings"),
+        ("hidden", "steps.distill.hidden:HiddenSettings"),
         ("prune", "steps.prune:PruneSettings"),
         ("recover", "steps.recover:RecoverSettings"),
         ("quant_method", "steps.quantize:QuantizeSettings"),
