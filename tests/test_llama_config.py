@@ -56,10 +56,11 @@ def outputs(planned: list[dict], rule: str) -> list[str]:
 
 def test_7b_to_1b_plans_the_whole_chain(tmp_path):
     text = dry_run(tmp_path / "run", "results/llama7b_1b_int8.eval")
-    assert job_counts(text) == {"fetch_data": 1, "base_model": 2, "prepare_data": 1, "distill": 1, "prune": 1,
-                                "recover": 1, "quantize": 1, "evaluate": 6, "report": 1}
+    assert job_counts(text) == {"fetch_data": 1, "base_model": 2, "prepare_data": 1, "teacher_logits": 1, "distill": 1,
+                                "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report": 1}
     planned = jobs(text)
-    assert len(planned) == 15
+    assert len(planned) == 16
+    assert outputs(planned, "teacher_logits") == ["cache/logits/llama7b/dolly/top64-bfloat16"]
     assert outputs(planned, "base_model") == ["models/base/1b", "models/base/llama7b"]
     assert outputs(planned, "fetch_data") == ["data/dolly/raw"]
     assert outputs(planned, "prepare_data") == ["data/dolly/llama7b"]  # the teacher's tokenizer
@@ -84,8 +85,8 @@ def test_7b_to_1b_plans_the_whole_chain(tmp_path):
 
 def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     text = dry_run(tmp_path / "run", "results/llama7b-d_1b_int8.eval")
-    assert job_counts(text) == {"fetch_data": 1, "base_model": 3, "prepare_data": 2, "distill": 2, "prune": 2,
-                                "recover": 2, "quantize": 1, "evaluate": 6, "report": 1}
+    assert job_counts(text) == {"fetch_data": 1, "base_model": 3, "prepare_data": 2, "teacher_logits": 2, "distill": 2,
+                                "prune": 2, "recover": 2, "quantize": 1, "evaluate": 6, "report": 1}
     planned = jobs(text)
     assert outputs(planned, "base_model") == ["models/base/1b", "models/base/llama13b", "models/base/llama7b"]
     assert outputs(planned, "distill") == ["models/default/llama13b_llama7b/distilled",
@@ -93,9 +94,14 @@ def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     # the derived teacher keeps llama7b's tokenizer: its chain reads data/dolly/llama7b, no third tokenization
     assert outputs(planned, "prepare_data") == ["data/dolly/llama13b", "data/dolly/llama7b"]
     second = next(job for job in planned if job["output"] == ["models/default/llama7b-d_1b/distilled"])
-    assert second["input"] == ["models/default/llama13b_llama7b/recovered", "models/base/1b", "data/dolly/llama7b"]
+    assert second["input"] == ["models/default/llama13b_llama7b/recovered", "models/base/1b", "data/dolly/llama7b",
+                               "cache/logits/llama7b-d/dolly/top64-bfloat16"]
     first = next(job for job in planned if job["output"] == ["models/default/llama13b_llama7b/distilled"])
-    assert first["input"] == ["models/base/llama13b", "models/base/llama7b", "data/dolly/llama13b"]
+    assert first["input"] == ["models/base/llama13b", "models/base/llama7b", "data/dolly/llama13b",
+                              "cache/logits/llama13b/dolly/top64-bfloat16"]
+    # each teacher's cache reads that teacher's model and its tokenization of the data
+    cache = next(job for job in planned if job["output"] == ["cache/logits/llama7b-d/dolly/top64-bfloat16"])
+    assert cache["input"] == ["models/default/llama13b_llama7b/recovered", "data/dolly/llama7b"]
     teacher_eval = next(job for job in planned if job["output"] == ["evals/default/llama7b-d_1b/teacher.json"])
     assert teacher_eval["input"][0] == "models/default/llama13b_llama7b/recovered"
     assert outputs(planned, "quantize") == ["models/default/llama7b-d_1b/quant/int8"]  # 13b->7b is not quantized
