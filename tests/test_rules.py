@@ -118,3 +118,21 @@ def test_unknown_names_fail_at_planning_time_in_one_line(workdir, target, messag
     text = result.stdout + result.stderr
     assert result.returncode != 0 and "Job stats" not in text, "failed while planning, before any job"
     assert f"ValueError: {message}\n" in text, text[-2000:]
+
+
+def test_students_and_recipes_share_one_teacher_logit_cache_per_k(workdir, tmp_path):
+    """The cache is keyed by teacher, dataset, k and dtype only: a student setting never makes another."""
+    override = tmp_path / "recipes.yaml"
+    override.write_text("recipes:\n"
+                        "  kd9: {distill: {kd_weight: 0.9, train: {lr: 1.0e-3}}}\n"
+                        "  k32: {distill: {logit_cache: {top_k: 32}}}\n"
+                        "  live: {distill: {logit_cache: {top_k: 0}}}\n")
+    targets = [f"models/{recipe}/teacher_student/distilled" for recipe in ("default", "kd9", "k32", "live")]
+    planned = job_blocks(snakemake(workdir, "-n", *targets, configs=(str(override),)))
+    caches = sorted(job["output"] for job in planned if job["rule"] == "teacher_logits")
+    assert caches == ["cache/logits/teacher/local/top32-float16", "cache/logits/teacher/local/top64-float16"]
+    inputs = {job["output"]: job["input"].split(", ") for job in planned if job["rule"] == "distill"}
+    assert inputs["models/default/teacher_student/distilled"][-1] == "cache/logits/teacher/local/top64-float16"
+    assert inputs["models/kd9/teacher_student/distilled"][-1] == "cache/logits/teacher/local/top64-float16"
+    assert inputs["models/k32/teacher_student/distilled"][-1] == "cache/logits/teacher/local/top32-float16"
+    assert not any("cache/logits" in path for path in inputs["models/live/teacher_student/distilled"])

@@ -87,6 +87,17 @@ def test_lora_rank_change_reruns_only_recover_and_downstream(built, tmp_path):
     assert jobs == {"recover": 1, "quantize": 1, "evaluate": 2, "report": 1}
 
 
+def test_a_student_setting_reuses_the_teacher_logit_cache_and_a_new_k_rebuilds_it(built, tmp_path):
+    student = tmp_path / "kd.yaml"
+    student.write_text("distill: {kd_weight: 0.9, train: {lr: 1.0e-3}}\n")
+    jobs = planned_jobs(snakemake(built, "-n", TARGET, extra_config=str(student)))
+    assert "teacher_logits" not in jobs and jobs["distill"] == 1
+    k32 = tmp_path / "k32.yaml"
+    k32.write_text("distill: {logit_cache: {top_k: 32}}\n")
+    jobs = planned_jobs(snakemake(built, "-n", TARGET, extra_config=str(k32)))
+    assert jobs["teacher_logits"] == 1 and jobs["distill"] == 1
+
+
 def test_editing_a_step_reruns_that_stage_and_downstream(built):
     prune = built / "steps" / "prune" / "surgery.py"  # a module inside the stage's package
     original = prune.read_text()
@@ -101,7 +112,7 @@ def test_editing_a_step_reruns_that_stage_and_downstream(built):
 def test_recipe_shares_nothing_it_should_not(built):
     jobs = planned_jobs(snakemake(built, "-n", "results/lora16/teacher_student_int8.eval"))
     # a recipe gets its own chain directory; base models and data are shared
-    assert "base_model" not in jobs and "prepare_data" not in jobs
+    assert "base_model" not in jobs and "prepare_data" not in jobs and "teacher_logits" not in jobs
     assert jobs["distill"] == 1 and jobs["recover"] == 1 and jobs["report_recipe"] == 1
 
 
