@@ -123,7 +123,8 @@ def test_unknown_names_fail_at_planning_time_in_one_line(workdir, target, messag
 def test_students_and_recipes_share_one_teacher_logit_cache_per_k(workdir, tmp_path):
     """The cache is keyed by teacher, dataset, k and dtype only: a student setting never makes another."""
     override = tmp_path / "recipes.yaml"
-    override.write_text("recipes:\n"
+    override.write_text("distill: {logit_cache: {top_k: 64}}\n"
+                        "recipes:\n"
                         "  kd9: {distill: {kd_weight: 0.9, train: {lr: 1.0e-3}}}\n"
                         "  k32: {distill: {logit_cache: {top_k: 32}}}\n"
                         "  live: {distill: {logit_cache: {top_k: 0}}}\n")
