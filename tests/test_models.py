@@ -287,17 +287,3 @@ def test_pretraining_writes_per_step_metrics_and_only_when_it_trains(tokenizer_d
     main(["--spec", json.dumps({"scratch": ARCH}), "--tokenizer", str(tokenizer_dir), "--metrics", str(untrained),
           "--out", str(tmp_path / "student")])
     assert (tmp_path / "student" / "model.safetensors").exists() and not untrained.exists()
-
-
-def test_base_model_rule_logs_metrics_next_to_its_log(tmp_path):
-    """The metrics JSONL is a named log of the rule: Snakemake makes its directory and lists it on failure."""
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), "models/base/teacher",
-         "--configfile", str(REPO / "config" / "config.yaml")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    (command,) = [line for line in result.stdout.splitlines() if "-m steps.base " in line]
-    assert "--data data/" in command  # the config's teacher pre-trains
-    assert " --metrics logs/base_model/teacher.metrics.jsonl " in command
-    assert command.endswith(" > logs/base_model/teacher.log 2>&1")

@@ -137,3 +137,15 @@ def test_students_and_recipes_share_one_teacher_logit_cache_per_k(workdir, tmp_p
     assert inputs["models/kd9/teacher_student/distilled"][-1] == "cache/logits/teacher/local/top64-float16"
     assert inputs["models/k32/teacher_student/distilled"][-1] == "cache/logits/teacher/local/top32-float16"
     assert not any("cache/logits" in path for path in inputs["models/live/teacher_student/distilled"])
+
+
+def test_every_training_rule_writes_metrics_next_to_its_log(workdir):
+    """Pre-training, distillation and recovery pass their per-step metrics JSONL as a param beside the
+    log: Snakemake deletes a job's logs before a rerun, and a resumed run keeps the rows it wrote."""
+    result = snakemake(workdir, "-n", "-p", "models/default/teacher_student/recovered")
+    commands = [line for line in result.stdout.splitlines() if " -m steps." in line]
+    for module, log in (("base", "base_model/teacher"), ("distill", "distill/default/teacher_student"),
+                        ("recover", "recover/default/teacher_student")):
+        (command,) = [c for c in commands if f" -m steps.{module} " in c and f"logs/{log}.log" in c]
+        assert f" --metrics logs/{log}.metrics.jsonl " in command
+        assert command.endswith(f" > logs/{log}.log 2>&1")
