@@ -63,24 +63,45 @@ KD_LOSSES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}
 NO_MASS = -1.0e4
 
 
+# Below this mass, 1 - (mass of the top k) in float32 has lost too many digits to be the rest mass.
+RELIABLE_REST = 1e-3
+
+
 def rest_log_prob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log of the probability mass outside the tokens `ids` (per position), from full log-probs."""
     return logp.scatter(-1, ids, NO_MASS).logsumexp(-1)
 
 
-def top_k_kd_loss(name, student_logits, top_logp, top_ids, rest_logp, mask, temperature: float = 1.0, beta: float = 0.5):
+def rest_from_top(logp: torch.Tensor, ids: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """`rest_log_prob` from the k log-probs `top` = logp[ids]: log(1 - their mass), O(k) per position, and
+    the exact sum over the other tokens only where that mass is under RELIABLE_REST (few positions at
+    k = 64; all at k = the vocabulary). Saves two passes over the vocabulary on every step."""
+    rest = torch.log((-torch.expm1(top.logsumexp(-1))).clamp(min=1e-30))
+    tight = rest < math.log(RELIABLE_REST)
+    if tight.any():
+        rest = rest.masked_scatter(tight, rest_log_prob(logp[tight], ids[tight]))
+    return rest
+
+
+def top_k_kd_loss(name, student_logp, top_logp, top_ids, rest_logp, mask, temperature: float = 1.0, beta: float = 0.5):
     """KD against a teacher known only by its top-k log-probs, their token ids and the log of the rest mass.
 
-    Both distributions are folded into k+1 buckets (the teacher's k tokens, everything else), so the loss
-    stays a proper divergence; with k = the vocabulary it equals `kd_loss` (the rest bucket is empty).
-    The temperature softens the buckets, which is exact when k covers the vocabulary.
+    `student_logp` is the student's log-softmax over the vocabulary (its CE can read the same tensor:
+    `shifted_nll`). Both distributions are folded into k+1 buckets (the teacher's k tokens, everything
+    else), so the loss stays a proper divergence; with k = the vocabulary it equals `kd_loss` (the rest
+    bucket is empty). The temperature softens the buckets, which is exact when k covers the vocabulary.
     """
-    s_logp = F.log_softmax(student_logits.float(), dim=-1)
-    s_buckets = torch.cat([s_logp.gather(-1, top_ids), rest_log_prob(s_logp, top_ids).unsqueeze(-1)], dim=-1)
+    s_top = student_logp.gather(-1, top_ids)
+    s_buckets = torch.cat([s_top, rest_from_top(student_logp, top_ids, s_top).unsqueeze(-1)], dim=-1)
     t_buckets = torch.cat([top_logp.float(), rest_logp.float().unsqueeze(-1)], dim=-1)
     s_buckets = F.log_softmax(s_buckets / temperature, dim=-1)
     t_buckets = F.log_softmax(t_buckets / temperature, dim=-1)  # also renormalises fp16 rounding
     return _masked_mean(divergence(name, s_buckets, t_buckets, beta), mask) * temperature**2
+
+
+def shifted_nll(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`shifted_ce` from log-probs already computed (the KD loss shares them)."""
+    return F.nll_loss(logp[:, :-1].reshape(-1, logp.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from steps import distributed
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
@@ -37,7 +38,7 @@ from steps.distill.hidden import HiddenSettings
 from steps.distill.onpolicy import OnPolicySettings
 from steps.logit_cache import CacheSettings, LogitCache
 from steps.logit_cache import check_settings as check_cache_settings
-from steps.losses import KD_LOSSES, kd_loss, shifted_ce, top_k_kd_loss
+from steps.losses import KD_LOSSES, kd_loss, shifted_ce, shifted_nll, top_k_kd_loss
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
 from steps.training import LoopSettings, drop_checkpoint, train
 
@@ -98,12 +99,14 @@ def kd_objective(teacher, settings: DistillSettings, vocab: int, cache: LogitCac
         if len(ids):
             out = student(input_ids=ids, output_hidden_states=hid.weight > 0)
             s_logits = out.logits[..., :vocab]
-            ce = shifted_ce(s_logits, labels)
             mask = labels[:, 1:] != -100  # logits at i are scored against the token at i+1
             if cache is not None:
+                s_logp = F.log_softmax(s_logits.float(), dim=-1)  # one pass over the vocabulary for CE and KD
+                ce = shifted_nll(s_logp, labels)
                 top = [x[:, :-1] for x in cache.rows(batch["index"][n_on:], s_logits.device)]
-                terms.append((top_k_kd_loss(name, s_logits[:, :-1], *top, mask, temperature, beta), mask.sum()))
+                terms.append((top_k_kd_loss(name, s_logp[:, :-1], *top, mask, temperature, beta), mask.sum()))
             else:
+                ce = shifted_ce(s_logits, labels)
                 with torch.no_grad():
                     t_out = teacher(input_ids=ids, output_hidden_states=hid.weight > 0)
                 terms.append((kd_fn(s_logits[:, :-1], t_out.logits[:, :-1, :vocab], mask), mask.sum()))
