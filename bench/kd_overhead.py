@@ -1,6 +1,6 @@
 """What does our distillation step cost over a minimal hand-written PyTorch KD loop?
 
-    python -m bench.kd_overhead [--steps 30] [--repeats 2]
+    python -m bench.kd_overhead [--steps 50] [--repeats 2]
     python -m bench.kd_overhead --config config/smollm2.yaml --steps 4 --batch-size 4
 
 The same student (a fresh copy per run), live teacher, batches (steps.training.batch_at, so both see
@@ -73,7 +73,7 @@ def hand_loop(student, teacher, blocks, loop: LoopSettings, vocab: int) -> list[
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default: the config's distill batch)")
     parser.add_argument("--repeats", type=int, default=2, help="ours/hand pairs, run in ABAB order")
     parser.add_argument("--teacher", help="alias or model directory instead of the config's teacher")

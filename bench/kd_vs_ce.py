@@ -106,9 +106,10 @@ def loop_tokens_per_s(metrics_path: Path) -> float:
 
 def distill_and_evaluate(chain_: dict, name: str, settings: DistillSettings, evaluation: EvaluateSettings,
                          tmp: Path, logits: str | None = None) -> dict:
-    """Distil the chain's student into tmp/name, evaluate it; perplexity, loop tokens/s and last loss."""
+    """Distil the chain's student into tmp/name, evaluate it; perplexity, loop tokens/s, last loss, load at the start."""
     out, metrics = tmp / name, tmp / f"{name}.metrics.jsonl"
     torch.manual_seed(0)  # on-policy sampling draws from the global generator
+    load = round(os.getloadavg()[0], 2)  # rows run one after another: a busier machine slows a row, not its perplexity
     started = time.time()
     distill(chain_["teacher"], chain_["student"], chain_["data"], str(out), settings, logits=logits, metrics=str(metrics))
     wall = time.time() - started
@@ -119,6 +120,7 @@ def distill_and_evaluate(chain_: dict, name: str, settings: DistillSettings, eva
         "train_tokens_per_s": round(loop_tokens_per_s(metrics), 1),
         "final_loss": round(rows[-1]["loss"], 4),
         "distill_wall_s": round(wall, 1),
+        "load_avg_1min": load,
     }
 
 
