@@ -267,4 +267,5 @@ def test_workflow_training_rules_with_gpus_start_behind_the_allocator(tmp_path):
     assert result.returncode == 0, shell
     assert "python -m steps.gpus run --count 1 -- python -m steps.distill" in shell
     assert "python -m steps.gpus run --count 2 -- torchrun --standalone --nproc-per-node 2 -m steps.recover" in shell
-    assert shell.count("steps.gpus") == 2  # rules without GPUs start as before
+    assert "python -m steps.gpus run --count 1 -- python -m steps.logit_cache" in shell  # distill's resources
+    assert shell.count("steps.gpus") == 3  # rules without GPUs start as before

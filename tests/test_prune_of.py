@@ -64,7 +64,7 @@ def test_a_chain_distils_into_the_pruned_teacher(workdir):
     result = snakemake(workdir, "-n", "-p", "results/teacher_teacher-p_int8.eval")
     assert planned_jobs(result) == {
         "fetch_data": 1, "train_tokenizer": 1, "prepare_data": 1, "base_model": 1, "prune_model": 1,
-        "distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report": 1,
+        "teacher_logits": 1, "distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report": 1,
     }
     by_rule = {job["rule"]: job for job in jobs(result) if job["rule"] != "evaluate"}
     pruning = by_rule["prune_model"]
@@ -73,7 +73,8 @@ def test_a_chain_distils_into_the_pruned_teacher(workdir):
     assert pruning["log"] == "logs/prune_model/teacher-p.log"
     assert by_rule["base_model"]["output"] == "models/base/teacher"
     assert by_rule["prepare_data"]["output"] == "data/pydoc/teacher"
-    assert by_rule["distill"]["input"] == "models/base/teacher, models/base/teacher-p, data/pydoc/teacher"
+    assert by_rule["distill"]["input"] == ("models/base/teacher, models/base/teacher-p, data/pydoc/teacher, "
+                                           "cache/logits/teacher/pydoc/top64-float16")
     assert settings_of(by_rule["prune"])["ratios"] == {"intermediate_size": 0.75}  # the chain's stage: its section
 
 

@@ -52,7 +52,8 @@ PLACEHOLDERS = {"YOUR-PARTITION": "debug", "YOUR-ACCOUNT": "testacct"}  # what a
 # default runtime (30 min), which overrides the profile's default-resources (60 min).
 RESOURCES_CONFIG = "resources: {distill: {gpu: 1, mem_mb: 1500, runtime: 17}, prune: {slurm_partition: other}}\n"
 LOCAL_RULES = {"fetch_data", "report"}  # `localrules:` in rules/common.smk
-CLUSTER_RULES = {"train_tokenizer", "prepare_data", "base_model", "distill", "prune", "recover", "quantize", "evaluate"}
+CLUSTER_RULES = {"train_tokenizer", "prepare_data", "base_model", "teacher_logits", "distill", "prune", "recover", "quantize",
+                 "evaluate"}
 RUN_TIMEOUT = 480  # seconds; a hung client (e.g. a lost job status) fails the test instead of blocking CI
 
 
@@ -408,7 +409,7 @@ def test_config_resources_reach_the_slurm_jobs(scenario):
         fields = dict(re.findall(r"(\w+)=(\S*)", records[job]))
         allocated[rule] = (fields["Partition"], fields["Account"], fields["TimeLimit"], fields["MinMemoryNode"])
         gpus = re.search(r"gres/gpu[:=](\d+)|gpu:(\d+)", records[job])
-        if rule == "distill":
+        if rule in ("distill", "teacher_logits"):  # the cache runs the teacher like distill: its resources
             assert gpus and "1" in gpus.groups(), records[job]  # gpu: 1 -> the cluster's one GPU
         else:
             assert gpus is None, records[job]
