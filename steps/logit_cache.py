@@ -15,7 +15,7 @@ rows. The rest mass keeps the KD loss a proper divergence over k+1 buckets
 (steps/losses.py top_k_kd_loss); with k = the vocabulary it equals live KD.
 The manifest records k, the dtype, the vocabulary and a digest of the train
 tokens, so a cache is never read against other data. Bytes per token:
-k * (2 + id bytes) + 4, e.g. 260 for k = 64 (about 0.5% of a 49k-vocab fp32 row).
+k * (2 + id bytes) + 4, e.g. 260 for k = 64 (0.13% of a 49k-vocabulary fp32 row).
 """
 
 from __future__ import annotations
