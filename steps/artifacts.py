@@ -99,9 +99,9 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(settings, *inputs: str | Path) -> str:
+def run_key(settings, *inputs: str | Path, more_settings=()) -> str:
     """Identity of a training run: its settings and its inputs' fingerprints (names resumable checkpoints)."""
-    payload = [dataclasses.asdict(settings), *(fingerprint(p) for p in inputs)]
+    payload = [*(dataclasses.asdict(s) for s in (settings, *more_settings)), *(fingerprint(p) for p in inputs)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,6 +30,7 @@ def pick_device() -> torch.device:
 
 
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # GGUF sources the later stages can work on
+ADAPTER_DIR = "adapter"  # a peft adapter inside a model directory (steps.recover writes it)
 
 
 def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
@@ -48,9 +49,14 @@ def load_model(
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
     fix: str = "point it at a directory with config.json and *.safetensors weights (pickled weights are refused)",
+    adapter: bool = True,
     **kwargs,
 ):
-    """A causal LM from a local directory or a hub id; safetensors only. `fix` ends the error line."""
+    """A causal LM from a local directory or a hub id; safetensors only. `fix` ends the error line.
+
+    With `adapter`, an unmerged adapter in `source/adapter/` (a P-tuning v2 prefix from recover) is applied
+    through peft. A LoRA adapter found there was merged into the weights when it was saved: left alone.
+    """
     if "quantization_config" not in kwargs and _on_cpu(kwargs.get("device_map")):
         kwargs.update(_gptq_cpu_kernel(source))
     if "gguf_file" not in kwargs and (gguf := _lone_gguf(source)):
@@ -78,7 +84,19 @@ def load_model(
         ) from None
     if device is not None:
         model.to(device)
+    if adapter and unmerged_adapter(source):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(source) / ADAPTER_DIR), is_trainable=False)
     return model
+
+
+def unmerged_adapter(source: str | Path) -> bool:
+    """Whether `source/adapter/` holds a prompt-learning adapter (prefix, p-tuning), which no merge can fold in."""
+    config = Path(source) / ADAPTER_DIR / "adapter_config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("peft_type") in ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 
 
 def _lone_gguf(source: str | Path) -> str | None:

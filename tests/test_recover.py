@@ -24,7 +24,7 @@ def test_lora_is_trained_and_merged_into_plain_weights(model_dir, data_dir, tmp_
     changed = {n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])}
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
     manifest = read_manifest(out)
-    assert manifest["lora_trainable_params"] > 0 and manifest["history"][-1]["step"] == 10
+    assert manifest["trainable_params"] > 0 and manifest["history"][-1]["step"] == 10
 
 
 def test_bad_target_modules_fail_clearly(model_dir, data_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_checkpoint_survives_when_the_output_cannot_be_written(model_dir, data_d
 
 def test_fsdp_is_refused_before_the_model_is_loaded(model_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group may be joined before the check
-    with pytest.raises(SystemExit, match="recover trains small LoRA adapters: use parallel: ddp"):
+    with pytest.raises(SystemExit, match="recover trains a small share of the weights: use parallel: ddp"):
         run(str(model_dir), str(data_dir), str(tmp_path / "r"), RecoverSettings(train={**TRAIN, "parallel": "fsdp"}))
     assert not (tmp_path / "r").exists()
 
