@@ -3,6 +3,7 @@
 
 import json
 import re
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
@@ -205,6 +206,35 @@ def distill_inputs(wildcards):
     }
     logits = logit_cache_dir(wildcards.recipe, wildcards.teacher)
     return {**inputs, "logits": logits} if logits else inputs
+
+
+KD_LOSS_KEYS = ("loss", "temperature", "kd_weight", "jsd_beta", "logit_cache")  # what recover's kd objective takes
+
+
+def recover_kd(recipe):
+    """The distill settings recover's `objective: kd` uses, or None for plain next-token recovery."""
+    if section(recipe, "recover").get("objective", "lm") != "kd":
+        return None
+    return {key: value for key, value in section(recipe, "distill").items() if key in KD_LOSS_KEYS}
+
+
+def recover_inputs(wildcards):
+    """The pruned model and data; with `objective: kd` also the chain's teacher and its logit cache, if any."""
+    inputs = {"model": chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, "pruned"),
+              "data": data_dir(wildcards.teacher)}
+    if recover_kd(wildcards.recipe) is None:
+        return inputs
+    inputs["teacher"] = base_dir(wildcards.teacher)
+    logits = logit_cache_dir(wildcards.recipe, wildcards.teacher)
+    return {**inputs, "logits": logits} if logits else inputs
+
+
+def kd_args(wildcards, input):
+    """--teacher/--logits/--kd of recover's kd objective; empty for `objective: lm`."""
+    kd = recover_kd(wildcards.recipe)
+    if kd is None:
+        return ""
+    return f"--teacher {input.teacher} {cache_args(wildcards, input)} --kd {shlex.quote(as_json(kd))}"
 
 
 def upstream(stage):

@@ -1,14 +1,14 @@
-# Recover: LoRA fine-tuning with peft, merged into the weights (steps/recover.py).
+# Recover: LoRA, QLoRA, Freeze or P-tuning v2 after pruning, on next-token or distillation loss (steps/recover/).
 
 
 rule recover:
     input:
-        model=upstream("pruned"),
-        data=chain_data,
+        unpack(recover_inputs),
     output:
         directory("models/{recipe}/{teacher}_{student}/recovered"),
     params:
         settings=settings_for("recover"),
+        kd=kd_args,
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
         metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("recover"),
@@ -18,5 +18,6 @@ rule recover:
     log:
         "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:
-        "{params.launch} steps.recover --model {input.model} --data {input.data} --checkpoints {params.checkpoints}"
-        " --metrics {params.metrics} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "{params.launch} steps.recover --model {input.model} --data {input.data} {params.kd}"
+        " --checkpoints {params.checkpoints} --metrics {params.metrics}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"

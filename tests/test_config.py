@@ -107,3 +107,13 @@ def test_schema_enums_match_what_the_quantize_stage_accepts():
     quant = load(SCHEMA)["$defs"]["quant_method"]["properties"]
     assert set(quant["scheme"]["enum"]) == {*SCHEMES, "none"}  # none: passed through by the workflow
     assert set(quant["type"]["enum"]) == set(TYPES)
+
+
+def test_schema_enums_match_what_the_recover_stage_accepts():
+    from steps.recover import METHODS, OBJECTIVES
+    from steps.recover.adapters import QLORA_BITS
+
+    recover = load(SCHEMA)["$defs"]["recover"]["properties"]
+    assert recover["method"]["enum"] == list(METHODS)
+    assert recover["objective"]["enum"] == list(OBJECTIVES)
+    assert set(recover["bits"]["enum"]) == set(QLORA_BITS)

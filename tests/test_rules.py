@@ -139,6 +139,28 @@ def test_students_and_recipes_share_one_teacher_logit_cache_per_k(workdir, tmp_p
     assert not any("cache/logits" in path for path in inputs["models/live/teacher_student/distilled"])
 
 
+def test_kd_recovery_reads_the_teacher_and_the_cache_distillation_built(workdir, tmp_path):
+    """`objective: kd` adds the chain's teacher (and its logit cache, one job for both stages) to recover's inputs
+    and passes distill's loss settings, nothing else of distill; plain recovery gets neither."""
+    override = tmp_path / "kd.yaml"
+    override.write_text("distill: {loss: reverse_kl, temperature: 2.0, logit_cache: {top_k: 16}, train: {lr: 1.0e-4}}\n"
+                        "recipes: {kd: {recover: {objective: kd}}}\n")
+    targets = [f"models/{recipe}/teacher_student/recovered" for recipe in ("default", "kd")]
+    result = snakemake(workdir, "-n", "-p", *targets, configs=(str(override),))
+    planned = job_blocks(result)
+    assert [job["output"] for job in planned if job["rule"] == "teacher_logits"] == ["cache/logits/teacher/local/top16-float16"]
+    inputs = {job["output"]: job["input"].split(", ") for job in planned if job["rule"] == "recover"}
+    cache, teacher = "cache/logits/teacher/local/top16-float16", "models/base/teacher"
+    assert {teacher, cache} <= set(inputs["models/kd/teacher_student/recovered"])
+    assert not {teacher, cache} & set(inputs["models/default/teacher_student/recovered"])
+    commands = {c.split(" --out ")[1].split()[0]: c for c in result.stdout.splitlines() if " -m steps.recover " in c}
+    kd_command = commands["models/kd/teacher_student/recovered"]
+    assert f"--teacher {teacher} --logits {cache} --kd " in kd_command
+    kd = json.loads(kd_command.split("--kd '")[1].split("'")[0])
+    assert kd == {"loss": "reverse_kl", "temperature": 2.0, "kd_weight": 0.5, "logit_cache": {"top_k": 16, "dtype": "float16"}}
+    assert "--teacher" not in commands["models/default/teacher_student/recovered"]
+
+
 def test_every_training_rule_writes_metrics_next_to_its_log(workdir):
     """Pre-training, distillation and recovery pass their per-step metrics JSONL as a param beside the
     log: Snakemake deletes a job's logs before a rerun, and a resumed run keeps the rows it wrote."""
