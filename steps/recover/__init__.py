@@ -124,14 +124,12 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     model = trainable_model(model_dir, settings, loop, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    kd_inputs = [teacher, *([logits] if cache_settings.top_k else [])] if settings.objective == "kd" else []
-    key = run_key(settings, model_dir, data_dir, *kd_inputs, more_settings=[kd] if kd_inputs else [])
+    kd_inputs = {} if settings.objective == "lm" else {"teacher": teacher, **({"logits": logits} if cache_settings.top_k else {})}
+    key = run_key(settings, model_dir, data_dir, *kd_inputs.values(), more_settings=[kd] if kd_inputs else [])
     val = load_split(data_dir, "val") if loop.eval_every > 0 else None
     history = train(model, blocks, objective, loop, checkpoints, key, val_blocks=val, metrics_path=metrics)
     if distributed.is_main():  # DDP replicas are identical: one writer
-        inputs = {"model": model_dir, "data": data_dir}
-        if settings.objective == "kd":
-            inputs.update({"teacher": teacher, **({"logits": logits} if cache_settings.top_k else {})})
+        inputs = {"model": model_dir, "data": data_dir, **kd_inputs}
         with atomic_dir(out) as tmp:
             if settings.method == "freeze":
                 result = model.to("cpu")
@@ -146,7 +144,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
                 tmp, "recover", settings, inputs, started,
                 params=result.num_parameters(), trainable_params=trainable, history=history,
                 merged=settings.method != "prefix", world_size=distributed.world_size(),
-                **({"kd": asdict(kd)} if settings.objective == "kd" else {}),
+                **({"kd": asdict(kd)} if kd_inputs else {}),
             )
         drop_checkpoint(checkpoints)
     distributed.teardown()
