@@ -10,6 +10,9 @@ Metrics:
 - `params` (logical count: packed GPTQ weights count as the weights they
   stand for, as the stage's manifest records), `size_bytes` (weight files on disk), `tokens_per_s` (forward
   throughput during the perplexity pass), `peak_rss_bytes` of this process.
+- `adapter_applied`: whether an unmerged adapter (a recover prefix in
+  `adapter/`) was applied on load; its weights then count in `size_bytes`
+  (they ship with the model), while `params` stays the base's.
 The JSON also carries the model's own manifest, so a report can show lineage.
 """
 
@@ -20,14 +23,16 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from steps.artifacts import (
     StageError, peak_rss_bytes, read_manifest, settings_from, setup_logging, weights_bytes, write_json_atomic,
 )
 from steps.data import load_split
-from steps.models import load_model, pick_device
+from steps.models import ADAPTER_DIR, load_model, pick_device
 
 log = logging.getLogger("steps")
 
@@ -92,10 +97,13 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
         input_ids, labels = input_ids[: settings.max_tokens], labels[: settings.max_tokens]
     result = perplexity(model, input_ids, labels, settings)
     manifest = read_manifest(model_dir)
+    adapter_applied = isinstance(model, PeftModel)  # load_model applies an unmerged adapter of model_dir
+    size_bytes = weights_bytes(model_dir) + (weights_bytes(Path(model_dir) / ADAPTER_DIR) if adapter_applied else 0)
     metrics = {
         "perplexity": round(result["perplexity"], 4),
-        "params": manifest.get("params") or model.num_parameters(),
-        "size_bytes": weights_bytes(model_dir),
+        "params": manifest.get("params") or model.num_parameters(),  # a PeftModel counts its base's
+        "size_bytes": size_bytes,
+        "adapter_applied": adapter_applied,
         "tokens_per_s": result["tokens_per_s"],
         "peak_rss_bytes": peak_rss_bytes(),
         "scored_tokens": result["scored_tokens"],

@@ -87,7 +87,7 @@ def test_run_writes_metrics(model_dir, data_dir, tmp_path):
     metrics = report["metrics"]
     with safe_open(model_dir / "model.safetensors", "pt") as f:  # no manifest: count what the file holds
         assert metrics["params"] == sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    assert report["manifest"] == {}
+    assert report["manifest"] == {} and metrics["adapter_applied"] is False
     assert metrics["size_bytes"] > 0 and metrics["peak_rss_bytes"] > 0 and metrics["tokens_per_s"] > 0
     test_tokens = load_split(data_dir, "test")[:]["input_ids"].numel()
     assert metrics["scored_tokens"] == test_tokens - 1  # the whole split: every token but the first

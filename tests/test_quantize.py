@@ -53,7 +53,8 @@ def test_bitsandbytes_directory_reloads_as_quantized_and_keeps_predictions(model
     got, want = model(input_ids=ids).logits.float(), reference(input_ids=ids).logits
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.95
     assert weights_bytes(out) < weights_bytes(model_dir)
-    assert read_manifest(out)["stage"] == "quantize"
+    assert read_manifest(out)["stage"] == "quantize" and "adapter" not in read_manifest(out)  # none to carry
+    assert not (out / "adapter").exists()
 
 
 def test_double_quant_quantizes_the_constants_and_dtype_sets_the_compute_dtype(model_dir, tmp_path):

@@ -17,16 +17,24 @@ it is quantized, so `from_pretrained` reloads it without arguments; the GGUF
 directory holds `model.gguf` (tokenizer inside) and the manifest, and
 `steps.models.load_model` reads it back dequantized. `lm_head` stays in full
 precision in bnb and GPTQ outputs.
+
+A recover output with an unmerged adapter (method `prefix`: the base plus a
+P-tuning v2 prefix in `adapter/`) has its base quantized and the adapter copied
+unchanged beside it, so `load_model` applies the prefix to the quantized base.
+GGUF has no place for a prefix: refused before anything loads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from steps.artifacts import StageError, atomic_dir, write_manifest
-from steps.models import load_model, load_tokenizer, save_model
+from steps.models import ADAPTER_DIR, load_model, load_tokenizer, save_model, unmerged_adapter
 from steps.quantize import bnb, gguf, gptq
 
 log = logging.getLogger("steps")
@@ -66,6 +74,15 @@ def check_settings(settings: QuantizeSettings, data_dir: str | None) -> None:
             raise StageError(f"gptq calibration_blocks must be at least 1, got {settings.calibration_blocks}")
 
 
+def carry_adapter(model_dir: str, out: Path) -> dict:
+    """Copy an unmerged adapter of `model_dir` into `out` as it is; the manifest entry that says so (or none)."""
+    if not unmerged_adapter(model_dir):
+        return {}
+    source = Path(model_dir) / ADAPTER_DIR
+    shutil.copytree(source, out / ADAPTER_DIR)
+    return {"adapter": json.loads((source / "adapter_config.json").read_text())["peft_type"]}
+
+
 def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | None = None) -> None:
     started = time.time()
     check_settings(settings, data_dir)
@@ -88,9 +105,11 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
         with atomic_dir(out) as tmp:
             gptq.gptq_quantize(model_dir, data_dir, tmp, settings)
             tokenizer.save_pretrained(str(tmp))  # ours, not GPTQModel's copy: keeps eos and the pad we set
-            write_manifest(tmp, "quantize", settings, inputs, started, params=params)
+            carried = carry_adapter(model_dir, tmp)
+            write_manifest(tmp, "quantize", settings, inputs, started, params=params, **carried)
         return
     model = bnb.load_quantized(model_dir, settings.scheme, settings.dtype, settings.double_quant)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
-        write_manifest(tmp, "quantize", settings, inputs, started, params=model.num_parameters())
+        carried = carry_adapter(model_dir, tmp)
+        write_manifest(tmp, "quantize", settings, inputs, started, params=model.num_parameters(), **carried)

@@ -4,7 +4,8 @@ The quantization config lands in config.json, so `from_pretrained` reloads the
 directory as the quantized model without any argument. `lm_head` stays in full
 precision (bitsandbytes' default `modules_to_not_convert`). The model is loaded
 on the CPU when no GPU is present, which also serves machines whose GPU is too
-small (seed 002).
+small (seed 002). Only the base is quantized: an unmerged adapter (a recover
+prefix) is left out of the load and copied as it is (steps.quantize.carry_adapter).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def quantization_config(scheme: str, compute_dtype: str, double_quant: bool):
 def load_quantized(model_dir: str, scheme: str, dtype: str, double_quant: bool):
     """The model of `model_dir`, cast (`dtype` scheme) or quantized by bitsandbytes on load."""
     if scheme == "dtype":
-        return load_model(model_dir, dtype=dtype)
+        return load_model(model_dir, dtype=dtype, adapter=False)
     device_map = "auto" if torch.cuda.is_available() else "cpu"
-    return load_model(model_dir, quantization_config=quantization_config(scheme, dtype, double_quant), device_map=device_map)
+    config = quantization_config(scheme, dtype, double_quant)
+    return load_model(model_dir, quantization_config=config, device_map=device_map, adapter=False)

@@ -34,6 +34,7 @@ import gguf
 import torch
 
 from steps.artifacts import StageError
+from steps.models import ADAPTER_DIR, unmerged_adapter
 
 log = logging.getLogger("steps")
 
@@ -48,6 +49,11 @@ ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 def check_writable(model_dir: str | Path) -> None:
     """Refuse, from config.json and tokenizer.json alone, what the writer cannot express (before loading weights)."""
     model_dir = Path(model_dir)
+    if unmerged_adapter(model_dir):  # llama.cpp has no prefix key/values: the GGUF would silently drop it
+        raise StageError(
+            f"{model_dir} is a base plus an unmerged prefix adapter ({ADAPTER_DIR}/), which a GGUF file cannot hold; "
+            "recover with method lora/qlora/freeze, or quantize this chain with a bnb, gptq or dtype method"
+        )
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:

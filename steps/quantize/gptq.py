@@ -75,7 +75,11 @@ def calibration_blocks(data_dir: str, count: int, seed: int) -> list[dict]:
 
 
 def gptq_quantize(model_dir: str, data_dir: str | None, out: Path, settings: QuantizeSettings) -> None:
-    """Quantize with GPTQModel and save its checkpoint (config.json carries quant_method gptq) into `out`."""
+    """Quantize with GPTQModel and save its checkpoint (config.json carries quant_method gptq) into `out`.
+
+    GPTQModel reads config.json and the top-level *.safetensors of `model_dir` only: a recover prefix in
+    `adapter/` is neither loaded nor quantized (steps.quantize copies it beside the output).
+    """
     calibration = None
     if settings.scheme == "gptq":  # read first: a short train split fails before the slow gptqmodel import
         calibration = calibration_blocks(data_dir, settings.calibration_blocks, settings.seed)
