@@ -288,20 +288,22 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_unbroken_one(method, mo
     unbroken, resumed, ckpt = tmp_path / "unbroken", tmp_path / "resumed", tmp_path / "ckpt"
     run(str(model_dir), str(data_dir), str(unbroken), settings)
 
-    real_batch_at, steps_run = training.batch_at, []
+    # the loop's batches pass through here: the first run dies at the 4th step (0-based 3), after the
+    # checkpoint of step 2 and one more step that the kill loses; the rerun records the steps it trains
+    real_batch_at, kill_at, steps_run = training.batch_at, [3], []
 
     def batch_at_until_killed(blocks, step, *args):
-        if kill_at is not None and step == kill_at:
+        if step in kill_at:
             raise Killed
         steps_run.append(step)
         return real_batch_at(blocks, step, *args)
 
     monkeypatch.setattr(training, "batch_at", batch_at_until_killed)
-    kill_at = 3  # after the checkpoint of step 2 and one more step, lost with the kill
     with pytest.raises(Killed):
         run(str(model_dir), str(data_dir), str(resumed), settings, checkpoints=str(ckpt))
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2 and not resumed.exists()
-    kill_at, steps_run[:] = None, []
+    kill_at.clear()
+    steps_run.clear()
     run(str(model_dir), str(data_dir), str(resumed), settings, checkpoints=str(ckpt))
     assert steps_run == [2, 3]  # it resumed from the checkpoint, not from the start
 
