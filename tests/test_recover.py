@@ -73,3 +73,11 @@ def test_cli_writes_per_step_metrics_with_the_val_perplexity(model_dir, data_dir
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert rows[-1]["val_perplexity"] == pytest.approx(perplexity(merged, load_split(data_dir, "val"), 4, 4), rel=1e-4)
     assert read_manifest(out)["history"][-1]["val_perplexity"] == rows[-1]["val_perplexity"]
+
+
+def test_prefix_with_gradient_checkpointing_is_refused_before_loading(data_dir, tmp_path):
+    """transformers drops the cache under checkpointing, and with it peft's prefix: a crash at the first step."""
+    settings = RecoverSettings(method="prefix", train={**TRAIN, "gradient_checkpointing": True})
+    with pytest.raises(SystemExit, match=r"^error: recover method prefix cannot train with gradient checkpointing .*; set "):
+        run(str(tmp_path / "no-model-here"), str(data_dir), str(tmp_path / "r"), settings)
+    assert not (tmp_path / "r").exists()

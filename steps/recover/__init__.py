@@ -70,6 +70,9 @@ def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings) -
     if settings.method == "qlora" and settings.bits not in adapters.QLORA_BITS:
         raise StageError(f"recover.bits is {settings.bits}; qlora loads the base in 8 or 4 bits: set bits: 8 or bits: 4")
     loop = settings_from(LoopSettings, settings.train)
+    if settings.method == "prefix" and loop.gradient_checkpointing:  # transformers drops the prefix's cache then
+        raise StageError("recover method prefix cannot train with gradient checkpointing (transformers then drops the "
+                         "prefix's keys and values); set recover.train.gradient_checkpointing: false or use method lora")
     if loop.parallel == "fsdp" and distributed.world_size() > 1:
         raise StageError("recover trains a small share of the weights: use parallel: ddp (fsdp is for distill)")
     if settings.objective == "lm":
