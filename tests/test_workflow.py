@@ -61,6 +61,9 @@ def test_eval_report_has_metrics_chain_and_lineage(built, monkeypatch):
         assert 0 < lineage["wall_s"] < BUILD["seconds"], f"{stage}: {lineage['wall_s']} s, not a duration of this build"
     assert sum(report["lineage"][stage]["wall_s"] for stage in modules) < BUILD["seconds"]
     assert report["lineage"]["recovered"]["settings"]["rank"] == 4
+    # tiny.yaml recovers by distillation from the cache distill built: the teacher is an input, its weights unread
+    recover_inputs = json.loads((built / "models/default/teacher_student/recovered/manifest.json").read_text())["inputs"]
+    assert recover_inputs["logits"]["path"] == "cache/logits/teacher/pydoc/top64-float16"
 
 
 def test_every_model_directory_reloads_with_plain_transformers(built):
@@ -149,3 +152,24 @@ def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
         assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
     finally:
         writer.write_text(original)
+
+
+def test_a_prefix_recovery_is_quantized_and_evaluated_through_peft(built, tmp_path):
+    """P-tuning v2 cannot be merged: the recovered directory carries its adapter, int8 quantizes the base and
+    keeps the prefix, and both evaluations score the model with its prefix applied."""
+    recipe = tmp_path / "prefix.yaml"
+    recipe.write_text("recipes: {prefix: {recover: {method: prefix, objective: lm, virtual_tokens: 4, train: {steps: 6, lr: 3.0e-2}}}}\n")
+    target = "results/prefix/teacher_student_int8.eval"
+    result = snakemake(built, target, extra_config=str(recipe))
+    jobs = planned_jobs(result)
+    assert jobs == {"distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report_recipe": 1}, jobs
+    chain = built / "models/prefix/teacher_student"
+    adapter = (chain / "recovered/adapter/adapter_model.safetensors").read_bytes()
+    assert (chain / "quant/int8/adapter/adapter_model.safetensors").read_bytes() == adapter
+    report = json.loads((built / target).read_text())
+    ppl = {row["stage"]: row["perplexity"] for row in report["chain"]}
+    assert ppl["recovered"] < ppl["pruned"], "the prefix did not help, or was not applied"
+    assert abs(ppl["quantized"] / ppl["recovered"] - 1) < 0.05
+    for stage in ("recovered", "quant/int8"):
+        metrics = json.loads((built / f"evals/prefix/teacher_student/{stage}.json").read_text())["metrics"]
+        assert metrics["adapter_applied"] is True, stage
