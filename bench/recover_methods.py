@@ -16,7 +16,8 @@ is recovered once per row by `python -m steps.recover` on the chain's data, then
              distill loss, temperature, kd_weight and jsd_beta
 
 Every row trains the same steps, batch size, seed and blocks (the config's recover.train, with
---steps / --batch-size); only the learning rate is per method (LR below). The chain's unpruned
+--steps / --batch-size); only the learning rate is per method (LR below: the demo's, swept, or
+the pretrained one for any other config; --lr overrides). The chain's unpruned
 (distilled) model and the pruned model are evaluated too, untrained, as reference rows.
 
 Each step runs as its own child process (OMP_NUM_THREADS=1: the machine is shared), started with
@@ -45,11 +46,17 @@ from bench.common import require, save, table
 from bench.quant_quality import load_config
 from steps.artifacts import StageError
 
-# Peak learning rate per method, chosen once on the demo (150 steps, batch 16; bench/RESULTS.md says which were
-# tried): adapters train few, freshly initialised parameters and want a large rate; freeze updates pretrained
-# weights in full precision and diverges at LoRA's rate; prefixes start from random key/values and need more still.
-LR = {"lora": 2e-3, "qlora8": 2e-3, "qlora4": 2e-3, "freeze": 3e-4, "prefix": 1e-2, "lora_kd": 2e-3}
-ROWS = tuple(LR)
+# Peak learning rate per method: adapters train few, freshly initialised parameters and want a large rate; freeze
+# updates pretrained weights in full precision and diverges sooner; prefixes start from random key/values and need
+# more still. qlora8, qlora4 and lora_kd take lora's. Demo (config/config.yaml): three rates tried per method once
+# (lora 1e-3, 2e-3, 5e-3; freeze 1e-4, 3e-4, 1e-3; prefix 3e-3, 1e-2, 3e-2; 150 steps x 16 blocks), the best kept:
+# the highest each time, and the order of the methods was the same at every rate. Any other config (SmolLM2, a
+# pretrained model): not swept (a row takes minutes there); the usual ranges, 2.5-3x below the demo's.
+LR = {
+    "demo": {"lora": 5e-3, "qlora8": 5e-3, "qlora4": 5e-3, "freeze": 1e-3, "prefix": 3e-2, "lora_kd": 5e-3},
+    "pretrained": {"lora": 2e-3, "qlora8": 2e-3, "qlora4": 2e-3, "freeze": 3e-4, "prefix": 1e-2, "lora_kd": 2e-3},
+}
+ROWS = tuple(LR["demo"])
 REFERENCES = ("unpruned", "pruned")
 REPO = Path(__file__).resolve().parent.parent  # the children run `python -m steps.…` from here
 TIMEOUT_S = 3 * 3600  # one child; SmolLM2's slowest row takes minutes
@@ -70,11 +77,11 @@ def chain(config: dict, root: Path) -> dict:
     }
 
 
-def row_settings(name: str, recover: dict, train: dict, freeze_layers: int, virtual_tokens: int) -> dict:
+def row_settings(name: str, recover: dict, train: dict, lr: float, freeze_layers: int, virtual_tokens: int) -> dict:
     """The config's recover settings with the row's method and learning rate."""
     method = {"qlora8": "qlora", "qlora4": "qlora", "lora_kd": "lora"}.get(name, name)
     settings = {**recover, "method": method, "objective": "kd" if name == "lora_kd" else "lm",
-                "train": {**train, "lr": LR[name]}}
+                "train": {**train, "lr": lr}}
     if method == "qlora":
         settings["bits"] = int(name[-1])
     if method == "freeze":
@@ -153,9 +160,12 @@ def main(argv=None) -> None:
     parser.add_argument("--freeze-layers", type=int,
                         help="freeze: decoder layers trained (default: 5, seed 001's, or 1 on models under 8 layers)")
     parser.add_argument("--virtual-tokens", type=int, default=16, help="prefix: key/value positions per layer")
+    parser.add_argument("--lr", default="", help="per-row learning rates instead of LR's, e.g. freeze=1e-4,prefix=3e-2")
     args = parser.parse_args(argv)
     rows_wanted = args.rows.split(",")
-    unknown = sorted(set(rows_wanted) - set(ROWS))
+    lr = {**LR["demo" if args.config == "config/config.yaml" else "pretrained"],
+          **{k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}}
+    unknown = sorted((set(rows_wanted) | set(lr)) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
     config = load_config(args.config)
@@ -169,15 +179,15 @@ def main(argv=None) -> None:
     recover = {k: v for k, v in config["recover"].items() if k != "train"}
     kd = {k: config["distill"][k] for k in ("loss", "temperature", "kd_weight", "jsd_beta") if k in config["distill"]}
     evaluation = {**config["evaluate"], **({"max_tokens": args.eval_tokens} if args.eval_tokens else {})}
-    settings = {name: row_settings(name, recover, train, freeze_layers, args.virtual_tokens) for name in rows_wanted}
+    settings = {name: row_settings(name, recover, train, lr[name], freeze_layers, args.virtual_tokens) for name in rows_wanted}
     inputs = {
-        "config": args.config, "root": str(Path(args.root).resolve()), **c, "train": train, "lr": {n: LR[n] for n in rows_wanted},
+        "config": args.config, "root": str(Path(args.root).resolve()), **c, "train": train, "lr": {n: lr[n] for n in rows_wanted},
         "freeze_layers": freeze_layers, "of_layers": layers, "virtual_tokens": args.virtual_tokens, "kd": kd,
         "evaluate": evaluation, "rows": rows_wanted, "settings": settings, "omp_num_threads": 1,
         "load_avg_1min": round(os.getloadavg()[0], 2),
     }
     print(f"steps {train['steps']}, batch {train['batch_size']}, seed {train.get('seed', 0)}; "
-          f"lr {', '.join(f'{n} {LR[n]:g}' for n in rows_wanted)}", flush=True)
+          f"lr {', '.join(f'{n} {lr[n]:g}' for n in rows_wanted)}", flush=True)
 
     raw, started = {}, time.time()
     with tempfile.TemporaryDirectory(prefix="recover_methods-") as tmp:
@@ -214,7 +224,7 @@ def main(argv=None) -> None:
               "time/lora": ratios[n].get("time_vs_lora", "-"), "mem/lora": ratios[n].get("memory_vs_lora", "-"),
               "ppl/lora": ratios[n].get("ppl_vs_lora", "-")} for n in rows_wanted]
     print(f"\nsteps {train['steps']} x batch {train['batch_size']}, seed {train.get('seed', 0)}, OMP_NUM_THREADS=1; "
-          f"lr: {', '.join(f'{n} {LR[n]:g}' for n in rows_wanted)}; freeze: last {freeze_layers} of {layers} layers")
+          f"lr: {', '.join(f'{n} {lr[n]:g}' for n in rows_wanted)}; freeze: last {freeze_layers} of {layers} layers")
     print(table(rows))
     print(f"wall {raw['wall_s']:.0f} s")
     name = "recover_methods" if args.config == "config/config.yaml" else f"recover_methods_{Path(args.config).stem}"
