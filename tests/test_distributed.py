@@ -59,17 +59,28 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(model_dir, token
     assert not ckpt.exists()
 
 
-def test_recover_on_two_ranks_trains_like_one_process_with_the_global_batch(model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("method,trained", [
+    ("lora", "model.safetensors"),  # merged
+    ("freeze", "model.safetensors"),
+    ("prefix", "adapter/adapter_model.safetensors"),  # the base stays as it was
+])
+def test_recover_on_two_ranks_trains_like_one_process_with_the_global_batch(model_dir, data_dir, tmp_path, method, trained):
     from steps.recover import RecoverSettings, run
 
-    settings = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "train": {**TRAIN, "batch_size": 4}}
+    settings = {"method": method, "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "trainable_layers": 1,
+                "virtual_tokens": 4, "train": {**TRAIN, "batch_size": 4}}
     run(str(model_dir), str(data_dir), str(tmp_path / "single"), RecoverSettings(**settings))
     ckpt = tmp_path / "ckpt"
     torchrun("recover", {"model": model_dir, "data": data_dir, "out": tmp_path / "ranks", "checkpoints": ckpt},
              {**settings, "train": {**TRAIN, "batch_size": 2, "checkpoint_every": 3}})
-    single = load_file(str(tmp_path / "single" / "model.safetensors"))
-    ranks = load_file(str(tmp_path / "ranks" / "model.safetensors"))
-    initial = load_file(str(model_dir / "model.safetensors"))
+    single = load_file(str(tmp_path / "single" / trained))
+    ranks = load_file(str(tmp_path / "ranks" / trained))
+    if method == "prefix":  # the adapter's seeded starting point: one step at learning rate 0
+        run(str(model_dir), str(data_dir), str(tmp_path / "init"),
+            RecoverSettings(**{**settings, "train": {**TRAIN, "steps": 1, "lr": 0.0}}))
+        initial = load_file(str(tmp_path / "init" / trained))
+    else:
+        initial = load_file(str(model_dir / "model.safetensors"))
     assert_trained_alike(single, ranks, initial)
     assert json.loads((tmp_path / "ranks" / "manifest.json").read_text())["world_size"] == 2
     assert not ckpt.exists()  # written by rank 0 during training, dropped once the merged model is out
