@@ -191,6 +191,25 @@ def test_prefix_keeps_the_base_and_is_applied_on_load(real_dir, data_dir, sample
     assert written == prefixed_ppl and math.isfinite(written) and written != base_ppl  # the prefix was applied
 
 
+def test_prefix_starts_as_the_base_model_reading_the_first_train_tokens(real_dir, data_dir, sample_ids, tmp_path):
+    """At learning rate 0 the prefix is its start: the keys and values of the first train block's first tokens, so
+    the prefixed model equals the base reading those tokens before each input (peft's random start does not)."""
+    out = tmp_path / "recovered"
+    run(str(real_dir), str(data_dir), str(out),
+        RecoverSettings(method="prefix", virtual_tokens=5, train={**TRAIN, "steps": 1, "lr": 0.0}))
+    first = load_split(data_dir, "train")[0]["input_ids"][:5]
+    base = AutoModelForCausalLM.from_pretrained(real_dir)
+    read_first = logits(base, torch.cat([first.expand(len(sample_ids), -1), sample_ids], dim=1))[:, 5:]
+    assert torch.allclose(logits(load_model(out), sample_ids), read_first, atol=1e-4)
+
+
+def test_a_prefix_longer_than_a_block_is_refused(real_dir, data_dir, tmp_path):
+    out = tmp_path / "recovered"
+    with pytest.raises(SystemExit, match="virtual_tokens is 33, more than a block's 32 tokens") as err:
+        run(str(real_dir), str(data_dir), str(out), RecoverSettings(method="prefix", virtual_tokens=33, train=TRAIN))
+    assert_one_line_and_nothing_written(err, out)
+
+
 # objective kd
 
 def test_kd_from_a_live_teacher(teacher_dir, model_dir, data_dir, tmp_path):

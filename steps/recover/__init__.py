@@ -59,8 +59,9 @@ class RecoverSettings:
     train: dict = field(default_factory=dict)  # LoopSettings
 
 
-def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings) -> tuple[LoopSettings, CacheSettings]:
-    """The loop's and the logit cache's settings, checked before anything loads."""
+def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings,
+          block_size: int) -> tuple[LoopSettings, CacheSettings]:
+    """The loop's and the logit cache's settings, checked before any model loads."""
     if settings.method not in METHODS:
         raise StageError(f"unknown recover method {settings.method!r}; choose one of {list(METHODS)}")
     if settings.objective not in OBJECTIVES:
@@ -73,6 +74,9 @@ def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings) -
     if settings.method == "prefix" and loop.gradient_checkpointing:  # transformers drops the prefix's cache then
         raise StageError("recover method prefix cannot train with gradient checkpointing (transformers then drops the "
                          "prefix's keys and values); set recover.train.gradient_checkpointing: false or use method lora")
+    if settings.method == "prefix" and settings.virtual_tokens > block_size:
+        raise StageError(f"recover.virtual_tokens is {settings.virtual_tokens}, more than a block's {block_size} tokens "
+                         "the prefix starts from; set virtual_tokens to at most data.block_size")
     if loop.parallel == "fsdp" and distributed.world_size() > 1:
         raise StageError("recover trains a small share of the weights: use parallel: ddp (fsdp is for distill)")
     if settings.objective == "lm":
@@ -82,8 +86,8 @@ def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings) -
     return loop, settings_from(CacheSettings, kd.logit_cache)
 
 
-def trainable_model(model_dir: str, settings: RecoverSettings, loop: LoopSettings, device):
-    """The model to train, with only the method's parameters trainable."""
+def trainable_model(model_dir: str, settings: RecoverSettings, loop: LoopSettings, device, first_block):
+    """The model to train, with only the method's parameters trainable; a prefix starts as `first_block`'s."""
     if settings.method == "qlora":
         base = adapters.load_kbit_base(model_dir, settings.bits, device, loop.gradient_checkpointing)
     else:
@@ -97,6 +101,8 @@ def trainable_model(model_dir: str, settings: RecoverSettings, loop: LoopSetting
     model = adapters.wrap(base, config)
     if settings.method == "qlora":
         adapters.check_trains(model, device, settings.bits)
+    if settings.method == "prefix":
+        adapters.init_prefix(model, first_block["input_ids"][: settings.virtual_tokens])
     return model
 
 
@@ -118,13 +124,13 @@ def objective_fn(settings: RecoverSettings, kd: DistillSettings, teacher_dir, lo
 
 def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, checkpoints=None, metrics=None,
         teacher: str | None = None, logits: str | None = None, kd: DistillSettings = DistillSettings()) -> None:
-    loop, cache_settings = check(settings, teacher, kd)
+    blocks = load_split(data_dir, "train")
+    loop, cache_settings = check(settings, teacher, kd, len(blocks[0]["input_ids"]))
     started = time.time()
     tokenizer = load_tokenizer(model_dir)
-    blocks = load_split(data_dir, "train")
     device = distributed.setup()
     objective = objective_fn(settings, kd, teacher, logits, tokenizer, blocks, cache_settings, device)
-    model = trainable_model(model_dir, settings, loop, device)
+    model = trainable_model(model_dir, settings, loop, device, blocks[0])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     kd_inputs = {} if settings.objective == "lm" else {"teacher": teacher, **({"logits": logits} if cache_settings.top_k else {})}
