@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from steps.artifacts import (
     StageError, peak_rss_bytes, read_manifest, settings_from, setup_logging, weights_bytes, write_json_atomic,
 )
 from steps.data import load_split
-from steps.models import ADAPTER_DIR, load_model, pick_device
+from steps.models import ADAPTER_DIR, load_model, pick_device, unmerged_adapter
 
 log = logging.getLogger("steps")
 
@@ -97,7 +96,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
         input_ids, labels = input_ids[: settings.max_tokens], labels[: settings.max_tokens]
     result = perplexity(model, input_ids, labels, settings)
     manifest = read_manifest(model_dir)
-    adapter_applied = isinstance(model, PeftModel)  # load_model applies an unmerged adapter of model_dir
+    adapter_applied = unmerged_adapter(model_dir)  # load_model applied it
     size_bytes = weights_bytes(model_dir) + (weights_bytes(Path(model_dir) / ADAPTER_DIR) if adapter_applied else 0)
     metrics = {
         "perplexity": round(result["perplexity"], 4),
