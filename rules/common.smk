@@ -220,8 +220,7 @@ def recover_kd(recipe):
 
 def recover_inputs(wildcards):
     """The pruned model and data; with `objective: kd` also the chain's teacher and its logit cache, if any."""
-    inputs = {"model": chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, "pruned"),
-              "data": data_dir(wildcards.teacher)}
+    inputs = {"model": upstream("pruned")(wildcards), "data": chain_data(wildcards)}
     if recover_kd(wildcards.recipe) is None:
         return inputs
     inputs["teacher"] = base_dir(wildcards.teacher)
