@@ -84,11 +84,26 @@ def load_model(
         ) from None
     if device is not None:
         model.to(device)
+    generic_4bit_kernel(model, only_unpackable=True)
     if adapter and unmerged_adapter(source):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(Path(source) / ADAPTER_DIR), is_trainable=False)
     return model
+
+
+def generic_4bit_kernel(model, only_unpackable: bool = False) -> None:
+    """Route bitsandbytes 4-bit layers on CPU to the generic kernel: all of them, or those the packed one rejects.
+
+    bitsandbytes' packed CPU kernel (AVX512-BF16 machines, inference only) needs output widths that
+    are multiples of 32 and input widths that are multiples of 64 (its quantization block) and fails
+    mid-forward otherwise (a 1072-wide pruned MLP did, in evaluate); the generic kernel takes any
+    width, and training always uses it.
+    """
+    for module in model.modules():
+        unpackable = getattr(module, "out_features", 0) % 32 or getattr(module, "in_features", 0) % 64
+        if hasattr(module, "support_avx512bf16_for_cpu") and (unpackable or not only_unpackable):
+            module.support_avx512bf16_for_cpu = False
 
 
 def unmerged_adapter(source: str | Path) -> bool:

@@ -21,13 +21,13 @@ CODEBOOK = {
 }
 
 
-def _on_codebook(layer, quant_type) -> bool:
+def _on_codebook(layer, quant_type, tolerance: float = 1e-3) -> bool:
     """Every dequantized weight, over its block's largest magnitude, is one of the type's 16 levels."""
     import bitsandbytes as bnb
 
     weights = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().reshape(-1, 64)
     levels = (weights / weights.abs().amax(1, keepdim=True)).flatten()
-    return bool(((levels[:, None] - torch.tensor(CODEBOOK[quant_type])).abs().amin(1) < 1e-3).all())
+    return bool(((levels[:, None] - torch.tensor(CODEBOOK[quant_type])).abs().amin(1) < tolerance).all())
 
 
 @pytest.mark.parametrize("scheme", ["bnb-int8", "bnb-nf4", "bnb-fp4"])
@@ -65,7 +65,7 @@ def test_double_quant_quantizes_the_constants_and_dtype_sets_the_compute_dtype(m
     state = up.weight.quant_state
     assert state.nested and state.absmax.dtype == torch.uint8  # the block scales are 8-bit codes themselves
     assert up.compute_dtype == torch.bfloat16
-    assert _on_codebook(up, "nf4")
+    assert _on_codebook(up, "nf4", tolerance=8e-3)  # dequantized in bfloat16 (8 significant bits), the storage dtype
     ids = torch.arange(1, 30).unsqueeze(0)
     got, want = model(input_ids=ids).logits.float(), AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.95

@@ -61,28 +61,14 @@ def check_group_size(layers: list[tuple[str, int, int]], settings: QuantizeSetti
                 )
 
 
-def calibration_blocks(data_dir: str, count: int, seed: int) -> list[dict]:
-    from steps.data import load_split
-
-    train = load_split(data_dir, "train")
-    if count > len(train):
-        raise StageError(
-            f"gptq wants {count} calibration blocks but {data_dir}/train has {len(train)}; "
-            f"lower the method's `calibration_blocks` to at most {len(train)}"
-        )
-    picked = train.shuffle(seed=seed).select(range(count))["input_ids"]
-    return [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids)} for ids in picked]
-
-
-def gptq_quantize(model_dir: str, data_dir: str | None, out: Path, settings: QuantizeSettings) -> None:
+def gptq_quantize(model_dir: str, calibration: torch.Tensor | None, out: Path, settings: QuantizeSettings) -> None:
     """Quantize with GPTQModel and save its checkpoint (config.json carries quant_method gptq) into `out`.
 
     GPTQModel reads config.json and the top-level *.safetensors of `model_dir` only: a recover prefix in
     `adapter/` is neither loaded nor quantized (steps.quantize copies it beside the output).
     """
-    calibration = None
-    if settings.scheme == "gptq":  # read first: a short train split fails before the slow gptqmodel import
-        calibration = calibration_blocks(data_dir, settings.calibration_blocks, settings.seed)
+    if calibration is not None:  # (blocks, block_size) token ids, as GPTQModel's list of examples
+        calibration = [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids)} for ids in calibration]
     # GPTQModel sizes its CPU pool from os.cpu_count(): on a shared node or a SLURM
     # allocation that is the whole machine, not the cores this job was given.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(len(os.sched_getaffinity(0))))
@@ -92,7 +78,7 @@ def gptq_quantize(model_dir: str, data_dir: str | None, out: Path, settings: Qua
         # GPTQModel's group-aware reordering (on by default) needs groups and excludes act-order: ask for it only
         # where it applies, or `group_size: -1` fails mid-quantization (and desc_act warns).
         config = GPTQConfig(
-            bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
+            bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act, damp_percent=settings.damp_percent,
             act_group_aware=settings.group_size > 0 and not settings.desc_act,
         )
     else:

@@ -14,7 +14,7 @@ import copy
 import torch
 
 from steps.artifacts import StageError
-from steps.models import ADAPTER_DIR, load_model
+from steps.models import ADAPTER_DIR, generic_4bit_kernel, load_model
 
 QLORA_BITS = (4, 8)
 
@@ -65,11 +65,7 @@ def load_kbit_base(model_dir: str, bits: int, device: torch.device, gradient_che
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = load_model(model_dir, quantization_config=quantization, device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    for module in model.modules():
-        # bitsandbytes' packed CPU kernel for 4-bit inference needs every output width to be a multiple
-        # of 32 and fails inside validation otherwise; the generic kernel it trains with takes any width
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    generic_4bit_kernel(model)  # validation runs in eval mode, where the packed kernel would take over
     return model
 
 
