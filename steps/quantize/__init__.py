@@ -58,7 +58,7 @@ class QuantizeSettings:
     dtype: str = "float16"  # what stays unquantized (embeddings, norms, lm_head) is stored in it; dtype scheme: the cast; bnb 4-bit: the compute dtype
     double_quant: bool = False  # bnb 4-bit: also quantize the quantization constants
     threshold: float = 6.0  # bnb-int8: input features with a value above it are multiplied in 16-bit (LLM.int8's outliers); 0 = none
-    alpha: float = 0.5  # w8a8: SmoothQuant migration strength, 0 (no smoothing) .. 1 (all onto the weights)
+    alpha: float = 0.5  # w8a8: SmoothQuant migration strength in [0, 1]: the larger, the more of the activations' range moves onto the weights
     bits: int = 4  # gptq / rtn: 4 | 8
     group_size: int = 128  # gptq / rtn: input channels sharing one scale; must divide every layer's in_features; -1: one group per row
     calibration_blocks: int = 128  # gptq, w8a8: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
