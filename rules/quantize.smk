@@ -1,4 +1,4 @@
-# Quantize: one reloadable directory per method in `quantize.methods` (steps/quantize.py).
+# Quantize: one reloadable directory per method in `quantize.methods` (steps/quantize/).
 # The chain's prepared data is an input of every method: gptq calibrates on its train split,
 # the other schemes ignore it (one rule, no per-scheme input functions).
 
