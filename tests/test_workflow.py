@@ -154,6 +154,19 @@ def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
         writer.write_text(original)
 
 
+def test_w8a8_target_calibrates_on_the_chain_data_and_evaluates(built):
+    target = "results/teacher_student_w8a8.eval"
+    assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
+    snakemake(built, target)
+    report = json.loads((built / target).read_text())
+    rows = {row["stage"]: row for row in report["chain"]}
+    assert rows["quantized"]["params"] == rows["recovered"]["params"]
+    assert rows["quantized"]["size_bytes"] < 0.6 * rows["recovered"]["size_bytes"]
+    assert abs(rows["quantized"]["perplexity"] / rows["recovered"]["perplexity"] - 1) < 0.02
+    manifest = json.loads((built / "models/default/teacher_student/quant/w8a8/manifest.json").read_text())
+    assert manifest["inputs"]["data"]["path"] == "data/pydoc/teacher" and manifest["settings"]["scheme"] == "w8a8"
+
+
 def test_a_prefix_recovery_is_quantized_and_evaluated_through_peft(built, tmp_path):
     """P-tuning v2 cannot be merged: the recovered directory carries its adapter, int8 quantizes the base and
     keeps the prefix, and both evaluations score the model with its prefix applied."""
