@@ -229,3 +229,9 @@ def test_every_method_quantizes_reloads_and_evaluates_a_real_shaped_model(real_s
     assert quantized["params"] == floating["params"]
     assert quantized["size_bytes"] < 0.6 * floating["size_bytes"]
     assert abs(quantized["perplexity"] / floating["perplexity"] - 1) < 0.1
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path):
+    with pytest.raises(StageError, match=r"cannot quantize .*no-model: .*; point --model at a model directory") as err:
+        run(str(tmp_path / "no-model"), str(tmp_path / "q"), QuantizeSettings(scheme="bnb-int8"))
+    assert "\n" not in str(err.value.code) and not (tmp_path / "q").exists()

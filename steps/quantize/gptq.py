@@ -28,7 +28,10 @@ def quantized_linears(model_dir: str) -> tuple[list[tuple[str, int, int]], int]:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as err:  # no such directory, or no config.json in it
+        raise StageError(f"cannot quantize {model_dir}: {str(err).strip().splitlines()[0]}; point --model at a model directory") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
