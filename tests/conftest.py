@@ -26,6 +26,9 @@ for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tests-hf-home-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub, whatever the caller's environment says
+# GPTQModel JIT-compiles a C++ packing extension on first use (~30 s per machine); its pure-torch packer
+# writes the same bits, and for the tiny models here in milliseconds. Workflow runs inherit this.
+os.environ["GPTQMODEL_DISABLE_PACK_EXT"] = "1"
 
 # A short training run for the tiny models (distillation tests, the trained teacher below).
 TRAIN = {"steps": 40, "batch_size": 8, "lr": 1e-2, "warmup": 2, "log_every": 10}

@@ -27,7 +27,7 @@ ARCHS = {
     72: dict(hidden_size=72, intermediate_size=100, num_attention_heads=6, **SHAPE),
 }
 IDS = torch.arange(1, 30).unsqueeze(0)
-GPTQ_ENV = {"GPTQMODEL_DISABLE_PACK_EXT": "1", "GPTQMODEL_CPU_WORKERS": "2"}  # see test_quantize.py
+GPTQ_ENV = {"GPTQMODEL_CPU_WORKERS": "2"}  # see test_quantize.py
 
 
 @pytest.fixture(scope="module")

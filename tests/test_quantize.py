@@ -128,13 +128,7 @@ def test_4bit_weights_must_pack_into_32bit_words(tokenizer_dir, tmp_path):
 
 
 # GPTQ through GPTQModel. The tiny model's layers are 32 and 64 wide, so groups of 32.
-GPTQ_ENV = {
-    # GPTQModel JIT-compiles a C++ packing extension on first use (~30 s, cached in
-    # ~/.cache/gptqmodel); its pure-torch fallback packs the same bits, and for a model
-    # this small in milliseconds.
-    "GPTQMODEL_DISABLE_PACK_EXT": "1",
-    "GPTQMODEL_CPU_WORKERS": "2",
-}
+GPTQ_ENV = {"GPTQMODEL_CPU_WORKERS": "2"}  # (the C++ packer is off for the whole session: conftest)
 
 
 @pytest.fixture(scope="module")

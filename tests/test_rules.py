@@ -110,7 +110,7 @@ def test_quant_none_evaluates_the_recovered_model_itself(workdir):
     ("results/nope/teacher_student_int8.eval",
      "unknown recipe 'nope'; known: lora16 (add it under `recipes:` in the config)"),
     ("results/teacher_student_int9.eval",
-     "unknown quant method 'int9'; known: bf16, fp16, fp4, gguf-q4, gguf-q8, gptq4, gptq8, int8, nf4, none, rtn4"
+     "unknown quant method 'int9'; known: bf16, fp16, fp4, gguf-q4, gguf-q8, gptq4, int8, llm-int8, nf4, none, rtn4, w8a8"
      " (see `quantize.methods`)"),
 ], ids=["alias", "recipe", "quant"])
 def test_unknown_names_fail_at_planning_time_in_one_line(workdir, target, message):

@@ -216,11 +216,9 @@ EVERY_METHOD = {
 
 
 @pytest.mark.parametrize("name", list(EVERY_METHOD))
-def test_every_method_quantizes_reloads_and_evaluates_a_real_shaped_model(real_shaped_dir, data_dir, tmp_path, name,
-                                                                           monkeypatch):
+def test_every_method_quantizes_reloads_and_evaluates_a_real_shaped_model(real_shaped_dir, data_dir, tmp_path, name):
     from steps.evaluate import EvaluateSettings, run as evaluate
 
-    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # the pure-torch packer: no 30 s C++ build for a tiny model
     out = tmp_path / name
     run(str(real_shaped_dir), str(out), QuantizeSettings(**EVERY_METHOD[name]), data_dir=str(data_dir))
     settings = EvaluateSettings(context=32, stride=16, max_tokens=256)
