@@ -150,12 +150,12 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
     if settings.scheme == "gguf":
         gguf.check_writable(model_dir)  # before loading weights
         model = load_model(model_dir)
+        params = model.num_parameters()
         with atomic_dir(out) as tmp:
             tensor_types = gguf.write_gguf(model, model_dir, tmp / gguf.GGUF_FILE, settings.type)
+            del model  # the check below loads the file's own copy: never two models in memory
             check_runs(tmp, settings.scheme)
-            write_manifest(
-                tmp, "quantize", settings, inputs, started, params=model.num_parameters(), gguf_tensor_types=tensor_types
-            )
+            write_manifest(tmp, "quantize", settings, inputs, started, params=params, gguf_tensor_types=tensor_types)
         return
     # Checks that need no weights first: a bad group size or architecture fails in a second.
     layers, params = gptq.quantized_linears(model_dir)
