@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from steps.artifacts import StageError
+from steps.prune.surgery import decoder_layers  # pruning's Llama-style layer check: the same modules are read here
 
 log = logging.getLogger("steps")
 
@@ -54,7 +55,7 @@ def check_architecture(model_dir: str) -> None:
 def smoothing_groups(model) -> list[tuple[torch.nn.Module, list[torch.nn.Linear]]]:
     """(producer, consumers) per layer: the module whose output channels carry 1/s, and the Linears reading it."""
     groups = []
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         attention, mlp = layer.self_attn, layer.mlp
         groups.append((layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj]))
         groups.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
