@@ -1,0 +1,175 @@
+"""Compare: one table across `.eval` files, e.g. a sweep over recipes and quantization schemes.
+
+    python -m steps.compare results/**/*.eval [--csv FILE]
+
+One row per file, sorted by perplexity: the final model's perplexity and its ratio to the chain's
+teacher, size and its ratio, params, throughput, then every task and generation score any file has
+(blank where a file lacks it). The table goes to stdout; `--csv` also writes the rows at full
+precision. `format_table` and `html_table` are generic, so the report reuses them for its chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import sys
+from pathlib import Path
+
+from steps.artifacts import StageError
+
+BASE_COLUMNS = ["result", "perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s"]
+GENERATION_SCORES = ("rouge_l", "exact_match", "f1")
+FIX = "pass `.eval` files written by steps.report (results/[<recipe>/]<teacher>_<student>_<quant>.eval)"
+
+
+def is_score(column: str) -> bool:
+    """An lm-eval task score ("<task>/<metric>") or a generation score."""
+    return "/" in column or column in GENERATION_SCORES
+
+
+def eval_target(path: str | Path, report: dict) -> dict:
+    """The report's target, or for files written before it carried one, the target its path names."""
+    if "target" in report:
+        return report["target"]
+    path = Path(path).absolute()
+    parts = path.stem.split("_", 2)
+    if len(parts) != 3:
+        raise StageError(f"{path}: no `target` and the name is not <teacher>_<student>_<quant>.eval; rename it so")
+    recipe = path.parent.name if path.parent.parent.name == "results" else "default"
+    return {"recipe": recipe, **dict(zip(("teacher", "student", "quant"), parts))}
+
+
+def load_eval(path: str | Path) -> dict:
+    """A `.eval` report, checked for what a comparison reads, with `target` filled in from the path if absent."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: no such file; check the path, or run the workflow for that target first")
+    except OSError as e:  # a folder, no permission
+        raise StageError(f"{path}: cannot read it ({e.strerror}); {FIX}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: not JSON ({e}); {FIX}")
+    chain = report.get("chain") if isinstance(report, dict) else None
+    if not isinstance(chain, list) or not chain:
+        raise StageError(f"{path}: not a `.eval` report (no `chain` of stages); {FIX}")
+    for i, row in enumerate(chain):
+        missing = [k for k in ("stage", "perplexity", "size_bytes") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise StageError(f"{path}: chain row {i} lacks {missing}; rerun steps.report for this target")
+    return {**report, "target": eval_target(path, report)}
+
+
+def _ratio(value: float, baseline: float | None) -> float | None:
+    return value / baseline if baseline else None
+
+
+def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
+    """One row per (path, report), sorted by the final model's perplexity; absent values are left out."""
+    rows = []
+    for path, report in evals:
+        target = eval_target(path, report)
+        chain = report["chain"]
+        # the final model: its metrics, or for a report without them, the chain's last row
+        final = {**{k: v for k, v in chain[-1].items() if k != "stage"}, **report.get("metrics", {})}
+        teacher = next((row for row in chain if row["stage"] == "teacher"), {})
+        row = {
+            "result": f"{target['recipe']}/{target['teacher']}_{target['student']}_{target['quant']}",
+            "perplexity": final["perplexity"],
+            "ppl_vs_teacher": _ratio(final["perplexity"], teacher.get("perplexity")),
+            "size_MB": final["size_bytes"] / 1e6,
+            "size_vs_teacher": _ratio(final["size_bytes"], teacher.get("size_bytes")),
+            "params": final.get("params"),
+            "tokens_per_s": final.get("tokens_per_s"),
+            "decode_tokens_per_s": final.get("decode_tokens_per_s"),
+            **{k: v for k, v in final.items() if is_score(k)},
+        }
+        rows.append({k: v for k, v in row.items() if v is not None})
+    return sorted(rows, key=lambda row: (row["perplexity"], row["result"]))
+
+
+def compare_columns(rows: list[dict]) -> list[str]:
+    """The base columns, decode throughput when any row has it, then the union of score columns."""
+    present = {k for row in rows for k in row}
+    columns = BASE_COLUMNS + (["decode_tokens_per_s"] if "decode_tokens_per_s" in present else [])
+    tasks = sorted(k for k in present if "/" in k)
+    return columns + tasks + [k for k in GENERATION_SCORES if k in present]
+
+
+def format_value(column: str, value) -> str:
+    """A value as the tables show it; the format follows the column's name (missing is empty)."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (str, bool)):
+        return str(value)
+    if "_vs_" in column or column.endswith("ratio"):
+        return f"{value:.3f}"
+    if column.endswith("_MB"):
+        return f"{value:.2f}"
+    if "perplexity" in column:
+        return f"{value:.2f}"
+    if column.endswith("per_s"):
+        return f"{value:.0f}"
+    if is_score(column):
+        return f"{value:.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def _is_text(rows: list[dict], column: str) -> bool:
+    return all(isinstance(row.get(column), str) or row.get(column) is None for row in rows)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """An aligned text table: text columns left, numbers right, two spaces between."""
+    cells = [columns] + [[format_value(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    text = [_is_text(rows, c) for c in columns]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if left else cell.rjust(w) for cell, w, left in zip(line, widths, text)).rstrip()
+        for line in cells
+    )
+
+
+def html_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain <table> with the same formatting, numbers right-aligned, every value escaped."""
+    align = {c: "" if _is_text(rows, c) else ' style="text-align:right"' for c in columns}
+    head = "".join(f"<th{align[c]}>{html.escape(c)}</th>" for c in columns)
+    body = [
+        "<tr>" + "".join(f"<td{align[c]}>{html.escape(format_value(c, row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    ]
+    return "\n".join(["<table>", f"<thead><tr>{head}</tr></thead>", "<tbody>", *body, "</tbody>", "</table>"])
+
+
+def write_csv(rows: list[dict], columns: list[str], out: str | Path) -> None:
+    """The rows at full precision, a header first, missing values empty."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evals", nargs="+", metavar="FILE.eval")
+    parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, full precision")
+    args = parser.parse_args(argv)
+    paths = list(dict.fromkeys(args.evals))  # overlapping globs name a file once
+    try:
+        evals = [(path, load_eval(path)) for path in paths]
+    except StageError as e:  # one line, exit 2 like a usage error: the arguments are what is wrong
+        print(f"compare: {str(e.code).removeprefix('error: ')}", file=sys.stderr)
+        raise SystemExit(2)
+    rows = compare_rows(evals)
+    columns = compare_columns(rows)
+    print(format_table(rows, columns))
+    if args.csv:
+        write_csv(rows, columns, args.csv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Plots for the report: the chain per stage, quality against size across a sweep, training curves.
+
+All figures are SVG, written with matplotlib's Agg backend (no display needed), and deterministic:
+a fixed `svg.hashsalt` and no date in the metadata, so the same numbers give the same bytes and a
+rerun does not show up as a change. Text stays text (`svg.fonttype: none`): smaller files, and the
+stage names and labels can be searched and tested.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+
+from steps.artifacts import StageError  # noqa: E402
+
+# Applied per figure through rc_context, so importing this module changes no one else's settings.
+STYLE = {
+    "svg.hashsalt": "steps.plots",  # ids from a fixed salt, not a random one
+    "svg.fonttype": "none",  # text as <text>, not glyph paths
+    "font.size": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+WIDE = (9.0, 3.6)  # inches: two panels side by side, about 900px wide on screen
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file (a training run's metrics log); blank lines are skipped."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise StageError(f"{path}: no such file; check the path (training metrics are under logs/<stage>/)")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path} line {number}: not JSON ({e.msg}); fix or delete that line")
+        if not isinstance(row, dict):
+            raise StageError(f"{path} line {number}: not a JSON object; each line must be one {{...}} row")
+        rows.append(row)
+    return rows
+
+
+def pareto_front(points: list[dict], x: str = "size_bytes", y: str = "perplexity") -> list[int]:
+    """Indices of the points no other point dominates (both axes lower-is-better), sorted by x.
+
+    A point is dominated when another is at least as good on both axes and better on one; equal
+    points do not dominate each other, so both stay on the front.
+    """
+    front = [
+        i for i, p in enumerate(points)
+        if not any(
+            q[x] <= p[x] and q[y] <= p[y] and (q[x] < p[x] or q[y] < p[y]) for j, q in enumerate(points) if j != i
+        )
+    ]
+    return sorted(front, key=lambda i: (points[i][x], points[i][y], i))
+
+
+def _save(fig, out: str | Path) -> None:
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="svg", metadata={"Date": None})  # no date: a rerun gives the same bytes
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive otherwise
+
+
+def plot_chain(chain: list[dict], out: str | Path) -> None:
+    """Held-out perplexity and size on disk per stage, in chain order, the value on each bar."""
+    if not chain:
+        raise StageError(f"{out}: the chain has no stages to plot; pass a `.eval` file's `chain`")
+    stages = [row["stage"] for row in chain]
+    positions = range(len(stages))
+    with plt.rc_context(STYLE):
+        fig, (ppl_ax, size_ax) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
+        panels = [
+            (ppl_ax, [row["perplexity"] for row in chain], "held-out perplexity", "%.2f", "C0"),
+            (size_ax, [row["size_bytes"] / 1e6 for row in chain], "size on disk (MB)", "%.1f", "C1"),
+        ]
+        for ax, values, label, fmt, color in panels:
+            bars = ax.bar(positions, values, color=color, width=0.7)
+            ax.bar_label(bars, fmt=fmt, padding=2, fontsize=8)
+            ax.set_xticks(positions, stages, rotation=30, ha="right")
+            ax.set_xlabel("stage")
+            ax.set_ylabel(label)
+            ax.margins(y=0.12)  # room for the value above the tallest bar
+        _save(fig, out)
+
+
+def plot_quality_vs_size(points: list[dict], out: str | Path) -> None:
+    """Perplexity against size for a sweep's results, each labelled, with the Pareto front stepped through.
+
+    Each point is {"label", "size_bytes", "perplexity"}. Log-x when sizes span more than 10x, so a
+    4-bit model and its 16-bit teacher both stay readable.
+    """
+    if not points:
+        raise StageError(f"{out}: no results to plot; pass at least one `.eval` file")
+    sizes = [p["size_bytes"] / 1e6 for p in points]
+    ppls = [p["perplexity"] for p in points]
+    front = pareto_front(points)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(9.0, 5.0), layout="constrained")
+        ax.scatter(sizes, ppls, color="0.55", s=28, zorder=2)
+        ax.plot(
+            [sizes[i] for i in front], [ppls[i] for i in front], drawstyle="steps-post",
+            marker="o", markersize=8, color="C3", label="Pareto front", zorder=3,
+        )
+        for size, ppl, p in zip(sizes, ppls, points):
+            ax.annotate(p["label"], (size, ppl), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        if min(sizes) > 0 and max(sizes) > 10 * min(sizes):
+            ax.set_xscale("log")
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel("held-out perplexity")
+        ax.legend(loc="best")
+        _save(fig, out)
+
+
+def plot_training(curves: dict[str, list[dict]], out: str | Path) -> bool:
+    """Loss against step, one line per run (e.g. distill, recover); val_perplexity beside it when logged.
+
+    Returns False and writes nothing when no curve has a row (a chain that skipped training).
+    """
+    if not any(curves.values()):
+        return False
+    with_val = any("val_perplexity" in row for rows in curves.values() for row in rows)
+    with plt.rc_context(STYLE):
+        size = WIDE if with_val else (6.0, 3.6)
+        fig, axes = plt.subplots(1, 2 if with_val else 1, figsize=size, layout="constrained", squeeze=False)
+        axes = axes[0]
+        loss_ax = axes[0]
+        for i, (name, rows) in enumerate(curves.items()):  # one colour per run on both panels
+            loss = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+            if loss:
+                loss_ax.plot(*zip(*loss), color=f"C{i}", label=name)
+            val = [(row["step"], row["val_perplexity"]) for row in rows if "val_perplexity" in row]
+            if val:
+                axes[1].plot(*zip(*val), color=f"C{i}", marker="o", markersize=3, label=name)
+        panels = [(loss_ax, "training loss")] + ([(axes[1], "validation perplexity")] if with_val else [])
+        for ax, label in panels:
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        _save(fig, out)
+    return True
