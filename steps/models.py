@@ -34,6 +34,8 @@ ADAPTER_DIR = "adapter"  # a peft adapter inside a model directory (steps.recove
 
 
 def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
+    if "gguf_file" not in kwargs and (gguf := _lone_gguf(source)):  # a GGUF file carries its vocabulary
+        kwargs["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(
         str(source), revision=revision, trust_remote_code=trust_remote_code, **kwargs
     )

@@ -86,6 +86,8 @@ def test_a_typo_stops_snakemake_before_any_job(tmp_path):
         ("recover", "steps.recover:RecoverSettings"),
         ("quant_method", "steps.quantize:QuantizeSettings"),
         ("evaluate", "steps.evaluate:EvaluateSettings"),
+        ("generation", "steps.evaluate.generation:GenerationSettings"),
+        ("speed", "steps.evaluate.speed:SpeedSettings"),
         ("loop", "steps.training:LoopSettings"),
     ],
 )

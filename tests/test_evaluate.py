@@ -15,7 +15,7 @@ from steps.evaluate import EvaluateSettings, perplexity, run, sliding_windows
 def test_sliding_windows_score_every_token_once(length, context, stride):
     scored = []
     for begin, end, n in sliding_windows(length, context, stride):
-        assert end - begin <= context and n <= end - begin
+        assert end - begin == min(context, length) and n <= end - begin  # one shape: windows stack into batches
         scored += list(range(end - n, end))
     assert scored == list(range(length))
 
@@ -39,7 +39,7 @@ class Bigram(torch.nn.Module):
 
 def test_uniform_model_has_perplexity_equal_to_vocabulary_size():
     ids = torch.randint(0, 50, (300,))
-    result = perplexity(Bigram(50, successor_logit=0.0), ids, ids.clone(), EvaluateSettings(context=32, stride=16))
+    result = perplexity(Bigram(50, successor_logit=0.0), ids, ids.clone(), context=32, stride=16)
     assert math.isclose(result["perplexity"], 50, rel_tol=1e-4)
     assert result["scored_tokens"] == 299  # the first token has nothing to predict it
 
@@ -54,7 +54,7 @@ def test_prompt_tokens_are_not_scored():
     for t in range(1, 64):
         ids[t] = (ids[t - 1] + (1 if labelled[t] else 3)) % vocab
     labels = torch.where(labelled, ids, torch.tensor(-100))
-    result = perplexity(Bigram(vocab), ids, labels, EvaluateSettings(context=16, stride=8))
+    result = perplexity(Bigram(vocab), ids, labels, context=16, stride=8)
     assert result["scored_tokens"] == 64 - 12 - 11
     assert math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
 
@@ -62,7 +62,7 @@ def test_prompt_tokens_are_not_scored():
 def test_every_token_is_scored_once_by_the_model():
     # All tokens predictable: a token scored twice or skipped changes the count, a wrong target the perplexity.
     ids = torch.arange(100) % 10
-    result = perplexity(Bigram(10), ids, ids.clone(), EvaluateSettings(context=16, stride=5))
+    result = perplexity(Bigram(10), ids, ids.clone(), context=16, stride=5)
     assert result["scored_tokens"] == 99 and math.isclose(result["perplexity"], 2.0, rel_tol=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_run_writes_metrics(model_dir, data_dir, tmp_path):
     with safe_open(model_dir / "model.safetensors", "pt") as f:  # no manifest: count what the file holds
         assert metrics["params"] == sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert report["manifest"] == {} and metrics["adapter_applied"] is False
-    assert metrics["size_bytes"] > 0 and metrics["peak_rss_bytes"] > 0 and metrics["tokens_per_s"] > 0
+    assert metrics["size_bytes"] > 0 and metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_s"] > 0
     test_tokens = load_split(data_dir, "test")[:]["input_ids"].numel()
     assert metrics["scored_tokens"] == test_tokens - 1  # the whole split: every token but the first
     assert 100 < metrics["perplexity"] < 2000  # untrained on a 400-token vocabulary

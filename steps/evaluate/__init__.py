@@ -1,0 +1,107 @@
+"""Evaluate one model directory: held-out perplexity, lm-eval tasks, generation scores, speed, size.
+
+    python -m steps.evaluate --model DIR --data DIR --out FILE.json --settings JSON
+
+Metrics (`metrics` in the JSON):
+- `perplexity`: sliding-window perplexity over the test split's token stream, `batch_size` windows per
+  forward (perplexity.py; the last window is aligned to the end of the stream). Prompt tokens of
+  instruction data (label -100) are not scored. `scored_tokens`, `tokens_per_s` (of that pass).
+- `tasks`: lm-evaluation-harness tasks (harness.py) with acc / acc_norm, few-shot count, batch size.
+- `generation`: Rouge-L, or exact match / F1 over `a_b_c` triples, of text decoded from test prompts
+  (generation.py, scores.py), with a few examples.
+- speed (speed.py): `prefill_tokens_per_s`, `decode_tokens_per_s`, `ms_per_token` at `speed_shape`;
+  `peak_memory_bytes` (`peak_memory_kind`: rss on the CPU, cuda_max_allocated on a GPU).
+- `params` (logical count, tied matrices once: the stage's manifest, which counts packed GPTQ weights as
+  the weights they stand for), `size_bytes` (weight files on disk), `adapter_applied` (an unmerged
+  recover prefix in `adapter/` was applied on load; its weights then count in `size_bytes`).
+The JSON also carries the model's own manifest, so a report can show lineage.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from steps.artifacts import StageError, read_manifest, settings_from, weights_bytes, write_json_atomic
+from steps.evaluate import generation, speed
+from steps.evaluate.generation import GenerationSettings
+from steps.evaluate.perplexity import perplexity, sliding_windows
+from steps.evaluate.speed import SpeedSettings
+
+log = logging.getLogger("steps")
+
+__all__ = ["EvaluateSettings", "GenerationSettings", "SpeedSettings", "perplexity", "run", "sliding_windows"]
+
+
+@dataclass
+class EvaluateSettings:
+    context: int = 128  # tokens a window sees
+    stride: int = 64  # tokens a window advances; stride < context gives every scored token some left context
+    max_tokens: int = 0  # 0 = the whole test split; otherwise its first N tokens (quick runs)
+    batch_size: int = 8  # perplexity windows, and lm-eval requests, per forward pass
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (harness.py)
+    num_fewshot: int = 0
+    task_limit: int = 0  # examples per task; 0 = all
+    task_paths: list[str] = field(default_factory=list)  # extra folders of lm-eval task YAMLs
+    generation: dict = field(default_factory=dict)  # GenerationSettings
+    speed: dict = field(default_factory=dict)  # SpeedSettings
+
+
+def check_settings(settings: EvaluateSettings) -> tuple[GenerationSettings, SpeedSettings]:
+    """Every mistake in the settings, before a model is loaded (a big one takes minutes)."""
+    if not 0 < settings.stride <= settings.context:
+        raise StageError(
+            f"evaluate stride {settings.stride} must be between 1 and context ({settings.context}), "
+            "or some tokens would never be scored; set `evaluate.stride` to at most `evaluate.context`"
+        )
+    if settings.batch_size < 1:
+        raise StageError(f"evaluate.batch_size must be at least 1, got {settings.batch_size}")
+    gen = settings_from(GenerationSettings, settings.generation)
+    generation.check_settings(gen)
+    return gen, settings_from(SpeedSettings, settings.speed)
+
+
+def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> dict:
+    gen_settings, speed_settings = check_settings(settings)
+    manager = None
+    if settings.tasks:
+        from steps.evaluate import harness
+
+        manager = harness.task_manager(settings.tasks, settings.task_paths)
+    from steps.data import load_split  # torch and transformers only once the settings are known good
+    from steps.models import ADAPTER_DIR, load_model, load_tokenizer, pick_device, unmerged_adapter
+
+    device = pick_device()
+    model = load_model(model_dir, device_map={"": device}).eval()
+    speed.check_settings(speed_settings, getattr(model.config, "max_position_embeddings", None))
+    tokenizer = load_tokenizer(model_dir)
+    test = load_split(data_dir, "test")[:]  # all blocks as (n, block_size) tensors
+    input_ids, labels = test["input_ids"].reshape(-1), test["labels"].reshape(-1)
+    if settings.max_tokens:
+        input_ids, labels = input_ids[: settings.max_tokens], labels[: settings.max_tokens]
+
+    metrics = perplexity(model, input_ids, labels, settings.context, settings.stride, settings.batch_size)
+    metrics["perplexity"] = round(metrics["perplexity"], 4)
+    log.info("perplexity %.4f over %d tokens, %.0f tokens/s", metrics["perplexity"], metrics["scored_tokens"], metrics["tokens_per_s"])
+    if manager is not None:
+        metrics["tasks"] = harness.run_tasks(
+            model, tokenizer, manager, settings.tasks, settings.task_paths, settings.num_fewshot,
+            settings.batch_size, settings.task_limit,
+        )
+    if gen_settings.samples:
+        metrics["generation"] = generation.generation_scores(model, tokenizer, input_ids, labels, gen_settings)
+    if speed_settings.new_tokens:
+        metrics.update(speed.measure_speed(model, input_ids, tokenizer.pad_token_id, speed_settings))
+
+    manifest = read_manifest(model_dir)
+    adapter_applied = unmerged_adapter(model_dir)  # load_model applied it
+    metrics.update(
+        params=manifest.get("params") or model.num_parameters(),  # a PeftModel counts its base's
+        size_bytes=weights_bytes(model_dir) + (weights_bytes(Path(model_dir) / ADAPTER_DIR) if adapter_applied else 0),
+        adapter_applied=adapter_applied,
+        **speed.peak_memory(device),
+    )
+    report = {"model": str(model_dir), "settings": asdict(settings), "metrics": metrics, "manifest": manifest}
+    write_json_atomic(out, report)
+    return report

@@ -1,0 +1,66 @@
+"""Sliding-window perplexity over a token stream, several windows per forward pass.
+
+Windows of `context` tokens start every `stride` tokens; each scores only the tokens no earlier window
+scored (the Hugging Face perplexity recipe), so with stride < context every scored token has left context.
+The last window is aligned to the end of the stream, so it is as long as every other one: all windows
+stack into batches without padding, and the tail is scored with full context, as lm-evaluation-harness's
+rolling log-likelihood does. With a prefix token before the stream, context = L + 1 and stride = L give
+exactly lm-eval's windows for max_length L (tests/test_evaluate_parity.py checks the numbers agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+log = logging.getLogger("steps")
+
+
+def sliding_windows(length: int, context: int, stride: int):
+    """(begin, end, scored) per window: score the last `scored` tokens of stream[begin:end]."""
+    if not 0 < stride <= context:
+        raise ValueError(f"stride {stride} must be in (0, context={context}]")
+    prev_end = 0
+    for begin in range(0, length, stride):
+        end = min(begin + context, length)
+        begin = max(0, end - context)  # the last window keeps the full context
+        yield begin, end, end - prev_end
+        prev_end = end
+        if end == length:
+            break
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, context: int, stride: int, batch_size: int = 1) -> dict:
+    """Perplexity of `labels` (-100 = not scored) under `model` reading `input_ids`, `batch_size` windows per forward."""
+    device = next(model.parameters()).device
+    windows = list(sliding_windows(len(input_ids), context, stride))
+    nll, scored_tokens, seen_tokens = 0.0, 0, 0
+    t0 = last_log = time.time()
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
+        ids = torch.stack([input_ids[begin:end] for begin, end, _ in batch]).to(device)
+        targets = torch.stack([labels[begin:end] for begin, end, _ in batch]).clone()
+        for row, (begin, end, scored) in enumerate(batch):
+            targets[row, : end - begin - scored] = -100  # already scored by the previous window
+        targets = targets[:, 1:].to(device)  # logits at i predict the token at i+1
+        logits = model(input_ids=ids).logits[:, :-1]
+        n = int((targets != -100).sum())
+        if n:
+            nll += torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
+            scored_tokens += n
+        seen_tokens += ids.numel()
+        if time.time() - last_log > 30:  # big models take minutes: say how far along we are
+            last_log = time.time()
+            log.info("%d/%d windows, %.0f tokens/s", first + len(batch), len(windows), seen_tokens / (last_log - t0))
+    elapsed = time.time() - t0
+    return {
+        "perplexity": math.exp(nll / max(1, scored_tokens)),
+        "scored_tokens": scored_tokens,
+        "tokens_per_s": round(seen_tokens / elapsed, 1),
+    }
