@@ -30,3 +30,4 @@ include: "rules/evaluate.smk"
 rule all:
     input:
         all_targets(),
+        "reports/summary.html",

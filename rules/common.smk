@@ -1,6 +1,7 @@
 # Helpers for the rules: target parsing, path functions, per-stage settings.
 # Plain Python over `config`; no torch here (a no-op `snakemake -n` stays fast).
 
+import glob
 import json
 import re
 import shlex
@@ -31,7 +32,8 @@ wildcard_constraints:
     quant=NAME,
     dataset=_one_of(config["datasets"]),
     alias=_one_of(config["models"]),
-    stage=r"teacher|student|distilled|pruned|recovered|quant/" + NAME,
+    stage=r"distilled|pruned|recovered|quant/" + NAME,
+    data=_one_of(config["models"]),
     k=r"[1-9][0-9]*",
     dtype=r"float16|bfloat16",
 
@@ -41,6 +43,7 @@ localrules:
     fetch_data,
     report,
     report_recipe,
+    summary,
 
 
 def all_targets():
@@ -145,18 +148,30 @@ def chain_dir(recipe, teacher, student, stage):
     return f"models/{recipe}/{teacher}_{student}/{stage}"
 
 
-def stage_model_dir(recipe, teacher, student, stage):
-    """The model an evaluation reads; `quant/none` is the recovered model itself, not a copy."""
-    if stage in ("teacher", "student"):
-        return base_dir(teacher if stage == "teacher" else student)
-    if stage.startswith("quant/"):
-        if quant_method(recipe, stage.removeprefix("quant/"))["scheme"] == "none":
-            stage = "recovered"
-    return chain_dir(recipe, teacher, student, stage)
+def eval_scope(recipe):
+    """Where a recipe's base-model evaluations live: shared by every recipe (`default`) unless the recipe
+    changes `evaluate:` itself, since a base model is the same model in every recipe."""
+    return recipe if section(recipe, "evaluate") != config["evaluate"] else DEFAULT_RECIPE
 
 
-def chain_stages(quant):
-    return ["teacher", "student", "distilled", "pruned", "recovered", f"quant/{quant}"]
+def base_eval(recipe, alias, data):
+    """The evaluation of base model `alias` on the chain data `data/{dataset}/{data}`: one file for every pair
+    and recipe that uses it, and one for a teacher that is also the student."""
+    return f"evals/{eval_scope(recipe)}/base/{data}/{alias}.json"
+
+
+def chain_evals(recipe, teacher, student, quant):
+    """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
+    itself: its evaluation, not a second one."""
+    data = data_dir(teacher).rpartition("/")[2]
+    chain = f"evals/{recipe}/{teacher}_{student}"
+    quantized = "recovered" if quant_method(recipe, quant)["scheme"] == "none" else f"quant/{quant}"
+    return {
+        "teacher": base_eval(recipe, teacher, data),
+        "student": base_eval(recipe, student, data),
+        **{stage: f"{chain}/{stage}.json" for stage in ("distilled", "pruned", "recovered")},
+        "quantized": f"{chain}/{quantized}.json",
+    }
 
 
 # ---------------------------------------------------------------- input functions
@@ -250,15 +265,16 @@ def chain_data(wildcards):
 
 
 def eval_model(wildcards):
-    return stage_model_dir(wildcards.recipe, wildcards.teacher, wildcards.student, wildcards.stage)
+    return chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, wildcards.stage)
+
+
+def base_eval_inputs(wildcards):
+    return {"model": base_dir(wildcards.alias), "data": f"data/{config['data']['dataset']}/{wildcards.data}"}
 
 
 def report_inputs(wildcards):
     recipe = getattr(wildcards, "recipe", DEFAULT_RECIPE)
-    quant_method(recipe, wildcards.quant)
-    prefix = f"evals/{recipe}/{wildcards.teacher}_{wildcards.student}"
-    names = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
-    return {name: f"{prefix}/{stage}.json" for name, stage in zip(names, chain_stages(wildcards.quant))}
+    return chain_evals(recipe, wildcards.teacher, wildcards.student, wildcards.quant)
 
 
 def cache_args(wildcards, input):
@@ -266,7 +282,33 @@ def cache_args(wildcards, input):
 
 
 def report_args(wildcards, input):
-    return " ".join(f"--eval {name}={path}" for name, path in input.items())
+    """The chain's evaluations, its target, and the training logs whose curves the page draws (when present)."""
+    recipe = getattr(wildcards, "recipe", DEFAULT_RECIPE)
+    pair = f"{wildcards.teacher}_{wildcards.student}"
+    args = [f"--eval {name}={path}" for name, path in input.items()]
+    args.append(f"--target {recipe}/{wildcards.teacher}/{wildcards.student}/{wildcards.quant}")
+    args += [f"--curves {stage}=logs/{stage}/{recipe}/{pair}.metrics.jsonl" for stage in ("distill", "recover")]
+    return " ".join(args)
+
+
+TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
+
+
+def known_results():
+    """Every `.eval` of this workflow: the configured targets, and those already built under results/ that this
+    config can name (a file from another config, whose aliases or recipes are unknown here, is left out)."""
+    found = set(path for path in config["targets"] if path.endswith(".eval"))
+    for path in glob.glob("results/**/*.eval", recursive=True):
+        match = TARGET.fullmatch(path)
+        if not match:
+            continue
+        recipe = match["recipe"] or DEFAULT_RECIPE
+        try:
+            chain_evals(recipe, match["teacher"], match["student"], match["quant"])
+        except ValueError:
+            continue
+        found.add(path)
+    return sorted(found)
 
 
 # ---------------------------------------------------------------- params

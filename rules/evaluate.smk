@@ -1,4 +1,4 @@
-# Evaluate every model of a chain once, then gather them into the `.eval` report.
+# Evaluate every distinct model once, gather each chain into its `.eval` and page, and every result into a summary.
 
 
 rule evaluate:
@@ -20,11 +20,35 @@ rule evaluate:
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
+# A base model (teacher, student) on one chain data: shared by every pair and recipe that reads it.
+use rule evaluate as evaluate_base with:
+    input:
+        unpack(base_eval_inputs),
+    output:
+        "evals/{recipe}/base/{data}/{alias}.json",
+    log:
+        "logs/evaluate/{recipe}/base/{data}/{alias}.log",
+
+
 rule report:
     input:
         unpack(report_inputs),
     output:
-        report("results/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
+        eval=report("results/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
+        page=report(
+            "reports/default/{teacher}_{student}_{quant}.html",
+            caption="report/page.rst",
+            category="Chains",
+            subcategory="pages",
+            labels={"chain": "{teacher}_{student}_{quant}", "recipe": "default", "view": "table and plots"},
+        ),
+        plot=report(
+            "reports/default/{teacher}_{student}_{quant}.svg",
+            caption="report/plot.rst",
+            category="Chains",
+            subcategory="plots",
+            labels={"chain": "{teacher}_{student}_{quant}", "recipe": "default", "view": "per stage"},
+        ),
     params:
         args=report_args,
         code=code_fingerprint("report"),
@@ -33,11 +57,42 @@ rule report:
     log:
         "logs/report/{teacher}_{student}_{quant}.log",
     shell:
-        "python -m steps.report {params.args} --out {output} > {log} 2>&1"
+        "python -m steps.report {params.args} --out {output.eval} --html {output.page} --plot {output.plot} > {log} 2>&1"
 
 
 use rule report as report_recipe with:
     output:
-        report("results/{recipe}/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
+        eval=report("results/{recipe}/{teacher}_{student}_{quant}.eval", caption="report/eval.rst", category="Chains"),
+        page=report(
+            "reports/{recipe}/{teacher}_{student}_{quant}.html",
+            caption="report/page.rst",
+            category="Chains",
+            subcategory="pages",
+            labels={"chain": "{teacher}_{student}_{quant}", "recipe": "{recipe}", "view": "table and plots"},
+        ),
+        plot=report(
+            "reports/{recipe}/{teacher}_{student}_{quant}.svg",
+            caption="report/plot.rst",
+            category="Chains",
+            subcategory="plots",
+            labels={"chain": "{teacher}_{student}_{quant}", "recipe": "{recipe}", "view": "per stage"},
+        ),
     log:
         "logs/report/{recipe}/{teacher}_{student}_{quant}.log",
+
+
+# Every result this workflow knows (the targets and what is already built): one table and the
+# quality-vs-size scatter with its Pareto front.
+rule summary:
+    input:
+        known_results(),
+    output:
+        table=report("reports/summary.html", caption="report/summary.rst", category="Summary", labels={"view": "table and Pareto front"}),
+        plot=report("reports/quality_vs_size.svg", caption="report/summary.rst", category="Summary", labels={"view": "quality vs size"}),
+        csv="reports/summary.csv",
+    params:
+        code=code_fingerprint("compare"),
+    log:
+        "logs/summary.log",
+    shell:
+        "python -m steps.compare {input} --csv {output.csv} --html {output.table} --plot {output.plot} > {log} 2>&1"

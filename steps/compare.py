@@ -1,11 +1,12 @@
 """Compare: one table across `.eval` files, e.g. a sweep over recipes and quantization schemes.
 
-    python -m steps.compare results/**/*.eval [--csv FILE]
+    python -m steps.compare results/**/*.eval [--csv FILE] [--html PAGE.html --plot SCATTER.svg]
 
 One row per file, sorted by perplexity: the final model's perplexity and its ratio to the chain's
 teacher, size and its ratio, params, throughput, then every task and generation score any file has
 (blank where a file lacks it). The table goes to stdout; `--csv` also writes the rows at full
-precision. `format_table` and `html_table` are generic, so the report reuses them for its chain.
+precision; `--html` a page with the table and perplexity against size, the Pareto front marked (the
+workflow's `summary` rule). `format_table` and `html_table` are generic: the chain report reuses them.
 """
 
 from __future__ import annotations
@@ -153,11 +154,38 @@ def write_csv(rows: list[dict], columns: list[str], out: str | Path) -> None:
         writer.writerows(rows)
 
 
+def write_page(rows: list[dict], columns: list[str], out: str | Path, plot: str | Path) -> None:
+    """The summary page: the table and the quality-vs-size scatter inline."""
+    from steps import plots  # matplotlib only when a page is asked for
+
+    plots.plot_quality_vs_size(
+        [{"label": row["result"], "size_bytes": row["size_MB"] * 1e6, "perplexity": row["perplexity"]} for row in rows], plot
+    )
+    svg = Path(plot).read_text()
+    page = "\n".join([
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Results</title>',
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
+        "th,td{padding:3px 8px;border-bottom:1px solid #ddd}th{background:#f4f4f4}svg{max-width:100%;height:auto}</style>",
+        "</head><body><h1>Results</h1>",
+        f"<p>{len(rows)} results, sorted by perplexity; ratios are to each chain's teacher.</p>",
+        html_table(rows, columns),
+        "<h2>Perplexity against size</h2>",
+        svg[svg.index("<svg"):],
+        "</body></html>\n",
+    ])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(page)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evals", nargs="+", metavar="FILE.eval")
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, full precision")
+    parser.add_argument("--html", metavar="FILE", help="also write a page: the table and the quality-vs-size plot")
+    parser.add_argument("--plot", metavar="FILE.svg", help="the quality-vs-size plot, Pareto front marked (with --html)")
     args = parser.parse_args(argv)
+    if bool(args.html) != bool(args.plot):
+        parser.error("--html and --plot go together: the page embeds the plot")
     paths = list(dict.fromkeys(args.evals))  # overlapping globs name a file once
     try:
         evals = [(path, load_eval(path)) for path in paths]
@@ -169,6 +197,8 @@ def main(argv=None) -> None:
     print(format_table(rows, columns))
     if args.csv:
         write_csv(rows, columns, args.csv)
+    if args.html:
+        write_page(rows, columns, args.html, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,58 +1,149 @@
-"""Report: gather the per-model evaluations of one chain into the `.eval` file.
+"""Report: gather the per-model evaluations of one chain into the `.eval` file and its HTML page.
 
-    python -m steps.report --eval teacher=FILE --eval student=FILE ... --out results/T_S_Q.eval
+    python -m steps.report --eval teacher=FILE --eval student=FILE ... --target RECIPE/T/S/Q \
+        [--curves distill=metrics.jsonl ...] --out results/T_S_Q.eval [--html PAGE.html --plot CHAIN.svg]
 
-The `.eval` JSON holds `metrics` of the final model, `chain` (one row per
-stage, in chain order: the table a user compares) and `lineage` (per stage:
-settings, code fingerprint, package versions, wall time, peak memory, inputs),
-taken from the manifests the stages wrote. It also prints the chain as a table.
+The `.eval` JSON holds `target`, `metrics` of the final model, `chain` (one flat row per stage, in
+chain order: perplexity, size, params, speed, task and generation scores — the table a user compares)
+and `lineage` (per stage: settings, code fingerprint, package versions, wall time, peak memory, inputs),
+taken from the manifests the stages wrote. The page (`snakemake --report` shows it) has the chain table
+with ratios to the teacher, the chain plot, the training curves when their metrics logs exist, and the
+final model's generation examples. The table is also printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from steps.artifacts import write_json_atomic
+from steps.compare import format_table, html_table
 
-CHAIN_COLUMNS = ("perplexity", "params", "size_bytes", "tokens_per_s")
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "peak_rss_bytes", "inputs")
+ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+            "ms_per_token", "peak_memory_bytes")
+SCORE_KEYS = ("rouge_l", "exact_match", "f1")
+TASK_KEYS = ("acc", "acc_norm")
 
 
-def build_report(evals: list[tuple[str, dict]]) -> dict:
+def chain_row(stage: str, metrics: dict) -> dict:
+    """One flat row: the headline metrics, `<task>/acc` and `<task>/acc_norm`, and the generation scores."""
+    row = {"stage": stage, **{k: metrics[k] for k in ROW_KEYS if k in metrics}}
+    for task, scores in metrics.get("tasks", {}).items():
+        row.update({f"{task}/{k}": scores[k] for k in TASK_KEYS if k in scores})
+    row.update({k: v for k, v in metrics.get("generation", {}).items() if k in SCORE_KEYS})
+    return row
+
+
+def build_report(evals: list[tuple[str, dict]], target: dict | None = None) -> dict:
     final = evals[-1][1]
+    report = {"target": target} if target else {}
     return {
+        **report,
         "metrics": final["metrics"],
         "evaluation": final["settings"],
-        "chain": [{"stage": stage, **{k: e["metrics"][k] for k in CHAIN_COLUMNS}} for stage, e in evals],
+        "chain": [chain_row(stage, e["metrics"]) for stage, e in evals],
         "lineage": {
             stage: {k: e["manifest"][k] for k in LINEAGE_KEYS if k in e["manifest"]} for stage, e in evals
         },
     }
 
 
-def format_chain(chain: list[dict]) -> str:
-    lines = [f"{'stage':<12}{'perplexity':>12}{'params':>12}{'size_MB':>10}{'tok/s':>10}"]
+def table_rows(chain: list[dict]) -> tuple[list[dict], list[str]]:
+    """The chain as table rows (sizes in MB, ratios to the teacher's row) and the columns present."""
+    teacher = next((row for row in chain if row["stage"] == "teacher"), None)
+    rows = []
     for row in chain:
-        lines.append(
-            f"{row['stage']:<12}{row['perplexity']:>12.2f}{row['params']:>12,}"
-            f"{row['size_bytes'] / 1e6:>10.2f}{row['tokens_per_s']:>10.0f}"
-        )
-    return "\n".join(lines)
+        out = {k: v for k, v in row.items() if k != "size_bytes"}
+        out["size_MB"] = row["size_bytes"] / 1e6
+        if teacher:
+            out["ppl_vs_teacher"] = row["perplexity"] / teacher["perplexity"]
+            out["size_vs_teacher"] = row["size_bytes"] / teacher["size_bytes"]
+        rows.append(out)
+    order = ["stage", "perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s",
+             "decode_tokens_per_s", "ms_per_token"]
+    present = {k for row in rows for k in row}
+    scores = sorted(k for k in present if "/" in k) + [k for k in SCORE_KEYS if k in present]
+    return rows, [c for c in order if c in present] + scores
+
+
+def format_chain(chain: list[dict]) -> str:
+    rows, columns = table_rows(chain)
+    return format_table(rows, columns)
+
+
+def _inline_svg(path: Path) -> str:
+    """An SVG file's <svg> element, to embed in a page (without its XML prologue)."""
+    text = path.read_text()
+    return text[text.index("<svg") :]
+
+
+def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> None:
+    target = report.get("target") or {}
+    title = "{recipe}: {teacher} → {student}, {quant}".format(**target) if target else "chain"
+    rows, columns = table_rows(report["chain"])
+    examples = report["metrics"].get("generation", {}).get("examples", [])
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
+        "th,td{padding:3px 8px;border-bottom:1px solid #ddd}th{background:#f4f4f4}svg{max-width:100%;height:auto}"
+        "pre{background:#f8f8f8;padding:6px;white-space:pre-wrap}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. Evaluation: "
+        f"<code>{html.escape(json.dumps({k: v for k, v in report['evaluation'].items() if not isinstance(v, dict)}))}</code></p>",
+        html_table(rows, columns),
+        "<h2>Per stage</h2>",
+        _inline_svg(plot),
+    ]
+    if training is not None:
+        parts += ["<h2>Training curves</h2>", _inline_svg(training)]
+    if examples:
+        parts.append("<h2>Generation examples (final model)</h2>")
+        for ex in examples:
+            parts += [f"<h3>{name}</h3><pre>{html.escape(ex[name])}</pre>" for name in ("prompt", "reference", "output")]
+    parts.append("</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text("\n".join(parts) + "\n")
+    tmp.replace(out)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval", action="append", required=True, metavar="STAGE=FILE", help="in chain order")
+    parser.add_argument("--target", metavar="RECIPE/TEACHER/STUDENT/QUANT")
+    parser.add_argument("--curves", action="append", default=[], metavar="NAME=FILE",
+                        help="a training run's metrics JSONL; drawn when the file exists")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--html", help="the chain's page (table, plots, examples)")
+    parser.add_argument("--plot", help="the per-stage plot (SVG); needed with --html")
     args = parser.parse_args(argv)
     evals = []
     for item in args.eval:
         stage, _, path = item.partition("=")
         with open(path) as f:
             evals.append((stage, json.load(f)))
-    report = build_report(evals)
+    target = dict(zip(("recipe", "teacher", "student", "quant"), args.target.split("/"))) if args.target else None
+    report = build_report(evals, target)
+    if args.html:
+        from steps import plots  # matplotlib only when a page is asked for
+
+        plot = Path(args.plot)
+        plots.plot_chain(report["chain"], plot)
+        curves = {}
+        for item in args.curves:
+            name, _, path = item.partition("=")
+            if Path(path).exists():
+                curves[name] = plots.read_jsonl(path)
+        with tempfile.TemporaryDirectory() as tmp:  # the curves live in the page only
+            training = Path(tmp) / "training.svg"
+            drawn = plots.plot_training(curves, training)
+            write_page(report, Path(args.html), plot, training if drawn else None)
     write_json_atomic(args.out, report)
     print(format_chain(report["chain"]), file=sys.stderr)
 
