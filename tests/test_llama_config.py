@@ -57,7 +57,8 @@ def outputs(planned: list[dict], rule: str) -> list[str]:
 def test_7b_to_1b_plans_the_whole_chain(tmp_path):
     text = dry_run(tmp_path / "run", "results/llama7b_1b_int8.eval")
     assert job_counts(text) == {"fetch_data": 1, "base_model": 2, "prepare_data": 1, "teacher_logits": 1, "distill": 1,
-                                "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report": 1}
+                                "prune": 1, "recover": 1, "quantize": 1, "evaluate": 4, "evaluate_base": 2,
+                                "report": 1}
     planned = jobs(text)
     assert len(planned) == 16
     assert outputs(planned, "teacher_logits") == ["cache/logits/llama7b/dolly/top64-bfloat16"]
@@ -65,7 +66,9 @@ def test_7b_to_1b_plans_the_whole_chain(tmp_path):
     assert outputs(planned, "fetch_data") == ["data/dolly/raw"]
     assert outputs(planned, "prepare_data") == ["data/dolly/llama7b"]  # the teacher's tokenizer
     assert outputs(planned, "distill") == ["models/default/llama7b_1b/distilled"]
-    assert outputs(planned, "report") == ["results/llama7b_1b_int8.eval"]
+    assert outputs(planned, "report") == ["reports/default/llama7b_1b_int8.html", "reports/default/llama7b_1b_int8.svg",
+                                          "results/llama7b_1b_int8.eval"]
+    assert outputs(planned, "evaluate_base") == ["evals/default/base/llama7b/1b.json", "evals/default/base/llama7b/llama7b.json"]
 
     shell = {job["output"][0]: job["shell"] for job in planned}
     assert '"hub": "meta-llama/Llama-2-7b-hf"' in shell["models/base/llama7b"]
@@ -86,7 +89,8 @@ def test_7b_to_1b_plans_the_whole_chain(tmp_path):
 def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     text = dry_run(tmp_path / "run", "results/llama7b-d_1b_int8.eval")
     assert job_counts(text) == {"fetch_data": 1, "base_model": 3, "prepare_data": 2, "teacher_logits": 2, "distill": 2,
-                                "prune": 2, "recover": 2, "quantize": 1, "evaluate": 6, "report": 1}
+                                "prune": 2, "recover": 2, "quantize": 1, "evaluate": 4, "evaluate_base": 2,
+                                "report": 1}
     planned = jobs(text)
     assert outputs(planned, "base_model") == ["models/base/1b", "models/base/llama13b", "models/base/llama7b"]
     assert outputs(planned, "distill") == ["models/default/llama13b_llama7b/distilled",
@@ -102,14 +106,14 @@ def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     # each teacher's cache reads that teacher's model and its tokenization of the data
     cache = next(job for job in planned if job["output"] == ["cache/logits/llama7b-d/dolly/top64-bfloat16"])
     assert cache["input"] == ["models/default/llama13b_llama7b/recovered", "data/dolly/llama7b"]
-    teacher_eval = next(job for job in planned if job["output"] == ["evals/default/llama7b-d_1b/teacher.json"])
+    teacher_eval = next(job for job in planned if job["output"] == ["evals/default/base/llama7b/llama7b-d.json"])
     assert teacher_eval["input"][0] == "models/default/llama13b_llama7b/recovered"
     assert outputs(planned, "quantize") == ["models/default/llama7b-d_1b/quant/int8"]  # 13b->7b is not quantized
 
 
 def test_bare_run_builds_the_llama_target_not_the_demo(tmp_path):
     planned = jobs(dry_run(tmp_path / "run"))
-    assert outputs(planned, "report") == ["results/llama7b_1b_int8.eval"]
+    assert outputs(planned, "report")[-1] == "results/llama7b_1b_int8.eval"
     assert not any("teacher_student" in out or out.startswith("models/tokenizer") for job in planned
                    for out in job["output"]), "no demo job"
 

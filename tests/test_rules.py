@@ -95,13 +95,35 @@ def test_editing_a_path_dataset_fetches_it_again(workdir):
         os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as it was: later tests see no edit
 
 
-def test_quant_none_evaluates_the_recovered_model_itself(workdir):
-    """`none` is no quantize job and no copy: the quant/none evaluation reads the recovered directory."""
+def test_quant_none_is_the_recovered_model_and_its_evaluation(workdir):
+    """`none` is no quantize job, no copy and no second evaluation: the chain's last row is the recovered model's."""
     result = snakemake(workdir, "-n", "results/teacher_student_none.eval")
     jobs = planned_jobs(result)
-    assert "quantize" not in jobs and jobs["recover"] == 1 and jobs["evaluate"] == 6
-    (job,) = [job for job in job_blocks(result) if job.get("output") == "evals/default/teacher_student/quant/none.json"]
-    assert job["input"].split(", ")[0] == "models/default/teacher_student/recovered"
+    assert "quantize" not in jobs and jobs["recover"] == 1 and jobs["evaluate"] == 3 and jobs["evaluate_base"] == 2
+    (job,) = [job for job in job_blocks(result) if job["rule"] == "report"]
+    assert job["input"].split(", ")[-2:] == ["evals/default/teacher_student/recovered.json"] * 2
+
+
+def test_each_distinct_model_is_evaluated_once(workdir):
+    """Teacher and student are evaluated once for every pair and recipe that reads them on the same data; a
+    teacher that is also the student once; a recipe that changes `evaluate:` evaluates them again, its way."""
+    targets = ["results/teacher_student_int8.eval", "results/teacher_student_nf4.eval",
+               "results/lora16/teacher_student_int8.eval", "results/teacher_teacher_int8.eval"]
+    result = snakemake(workdir, "-n", *targets)
+    base = sorted(job["output"] for job in job_blocks(result) if job["rule"] == "evaluate_base")
+    assert base == ["evals/default/base/teacher/student.json", "evals/default/base/teacher/teacher.json"]
+    reports = {job["output"]: job["input"].split(", ") for job in job_blocks(result) if job["rule"].startswith("report")}
+    for target in targets:
+        (inputs,) = [inputs for output, inputs in reports.items() if output.startswith(target)]
+        assert inputs[0] == "evals/default/base/teacher/teacher.json", target
+    assert reports[next(o for o in reports if o.startswith("results/teacher_teacher_int8.eval"))][:2] == \
+        ["evals/default/base/teacher/teacher.json"] * 2
+
+    recipe = workdir / "own-eval.yaml"
+    recipe.write_text("recipes:\n  long:\n    evaluate: {context: 48}\n")
+    result = snakemake(workdir, "-n", "results/long/teacher_student_int8.eval", configs=(str(recipe),))
+    base = sorted(job["output"] for job in job_blocks(result) if job["rule"] == "evaluate_base")
+    assert base == ["evals/long/base/teacher/student.json", "evals/long/base/teacher/teacher.json"]
 
 
 @pytest.mark.parametrize("target,message", [

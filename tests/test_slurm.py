@@ -53,7 +53,7 @@ PLACEHOLDERS = {"YOUR-PARTITION": "debug", "YOUR-ACCOUNT": "testacct"}  # what a
 RESOURCES_CONFIG = "resources: {distill: {gpu: 1, mem_mb: 1500, runtime: 17}, prune: {slurm_partition: other}}\n"
 LOCAL_RULES = {"fetch_data", "report"}  # `localrules:` in rules/common.smk
 CLUSTER_RULES = {"train_tokenizer", "prepare_data", "base_model", "teacher_logits", "distill", "prune", "recover", "quantize",
-                 "evaluate"}
+                 "evaluate", "evaluate_base"}
 RUN_TIMEOUT = 480  # seconds; a hung client (e.g. a lost job status) fails the test instead of blocking CI
 
 
