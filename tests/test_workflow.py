@@ -42,8 +42,14 @@ def test_eval_report_has_metrics_chain_and_lineage(built, monkeypatch):
     import steps.fingerprint
 
     report = json.loads((built / TARGET).read_text())
-    assert set(report["metrics"]) >= {"perplexity", "params", "size_bytes", "tokens_per_s", "peak_rss_bytes"}
+    assert set(report["metrics"]) >= {"perplexity", "params", "size_bytes", "tokens_per_s", "peak_memory_bytes",
+                                      "prefill_tokens_per_s", "decode_tokens_per_s", "ms_per_token", "tasks", "generation"}
+    assert report["target"] == {"recipe": "default", "teacher": "teacher", "student": "student", "quant": "int8"}
     assert [row["stage"] for row in report["chain"]] == CHAIN
+    for row in report["chain"]:  # tiny.yaml: the shipped lm-eval task, Rouge-L of 4 continuations, decode speed
+        assert 0 <= row["pysyntax/acc"] <= 1 and 0 <= row["pysyntax/acc_norm"] <= 1 and 0 <= row["rouge_l"] <= 1
+        assert row["decode_tokens_per_s"] > 0, row["stage"]
+    assert report["metrics"]["tasks"]["pysyntax"]["samples"] == 8
     ppl = {row["stage"]: row["perplexity"] for row in report["chain"]}
     assert ppl["teacher"] < ppl["student"] / 2, "pre-training did not make the teacher clearly better than random"
     assert ppl["distilled"] < ppl["student"] / 2, "distillation did not help the untrained student"
@@ -116,20 +122,34 @@ def test_recipe_shares_nothing_it_should_not(built):
     jobs = planned_jobs(snakemake(built, "-n", "results/lora16/teacher_student_int8.eval"))
     # a recipe gets its own chain directory; base models and data are shared
     assert "base_model" not in jobs and "prepare_data" not in jobs and "teacher_logits" not in jobs
+    assert "evaluate_base" not in jobs  # the teacher and student were evaluated for the default recipe already
     assert jobs["distill"] == 1 and jobs["recover"] == 1 and jobs["report_recipe"] == 1
 
 
-def test_html_report_embeds_the_chain_result(built, tmp_path):
-    """`snakemake --report` carries the .eval itself (a data URI in its `results` table), under "Chains"."""
+def test_html_report_carries_the_chain_page_plot_and_summary(built, tmp_path):
+    """`snakemake --report` carries the .eval, the chain's page (table with ratios and scores, plots inline) and
+    plot under "Chains", and the summary page and quality-vs-size scatter under "Summary" (data URIs)."""
+    assert planned_jobs(snakemake(built, "-n", "reports/summary.html")) == {"summary": 1}  # the chain is built
+    snakemake(built, "reports/summary.html")
     html = tmp_path / "report.html"
-    snakemake(built, "--report", str(html), TARGET)
+    snakemake(built, "--report", str(html), TARGET, "reports/summary.html")
     text = html.read_text(errors="replace")
     results = json.loads(re.search(r"var results = (\{.*?\});\s*</script>", text, re.S)[1])
-    assert list(results) == [TARGET]
-    _, _, payload = results[TARGET]["data_uri"].partition("base64,")
-    assert json.loads(base64.b64decode(payload)) == json.loads((built / TARGET).read_text())
+    page, plot = "reports/default/teacher_student_int8.html", "reports/default/teacher_student_int8.svg"
+    assert set(results) == {TARGET, page, plot, "reports/summary.html", "reports/quality_vs_size.svg"}
+
+    def payload(name):
+        return base64.b64decode(results[name]["data_uri"].partition("base64,")[2]).decode()
+
+    assert json.loads(payload(TARGET)) == json.loads((built / TARGET).read_text())
+    chain_page = payload(page)
+    for text_in_page in ("<table>", "ppl_vs_teacher", "pysyntax/acc", "rouge_l", "Training curves", ">distilled<"):
+        assert text_in_page in chain_page, text_in_page
+    assert chain_page.count("<svg") == 2  # per-stage plot and training curves
+    assert "Pareto front" in payload("reports/quality_vs_size.svg")
+    assert "default/teacher_student_int8" in payload("reports/summary.html")
     categories = json.loads(re.search(r"var categories = (\{.*?\});\s*</script>", text, re.S)[1])
-    assert TARGET in str(categories["Chains"])
+    assert page in str(categories["Chains"]) and "reports/summary.html" in str(categories["Summary"])
 
 
 def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
@@ -175,7 +195,7 @@ def test_a_prefix_recovery_is_quantized_and_evaluated_through_peft(built, tmp_pa
     target = "results/prefix/teacher_student_int8.eval"
     result = snakemake(built, target, extra_config=str(recipe))
     jobs = planned_jobs(result)
-    assert jobs == {"distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 6, "report_recipe": 1}, jobs
+    assert jobs == {"distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 4, "report_recipe": 1}, jobs
     chain = built / "models/prefix/teacher_student"
     adapter = (chain / "recovered/adapter/adapter_model.safetensors").read_bytes()
     assert (chain / "quant/int8/adapter/adapter_model.safetensors").read_bytes() == adapter
