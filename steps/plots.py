@@ -82,7 +82,7 @@ def plot_chain(chain: list[dict], out: str | Path) -> None:
         fig, (ppl_ax, size_ax) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
         panels = [
             (ppl_ax, [row["perplexity"] for row in chain], "held-out perplexity", "%.2f", "C0"),
-            (size_ax, [row["size_bytes"] / 1e6 for row in chain], "size on disk (MB)", "%.1f", "C1"),
+            (size_ax, [row["size_bytes"] / 1e6 for row in chain], "size on disk (MB)", "%.3g", "C1"),
         ]
         for ax, values, label, fmt, color in panels:
             bars = ax.bar(positions, values, color=color, width=0.7)

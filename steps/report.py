@@ -92,7 +92,7 @@ def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> No
         f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
         "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
         "th,td{padding:3px 8px;border-bottom:1px solid #ddd}th{background:#f4f4f4}svg{max-width:100%;height:auto}"
-        "pre{background:#f8f8f8;padding:6px;white-space:pre-wrap}</style></head><body>",
+        "pre{background:#f8f8f8;padding:6px;margin:0;white-space:pre-wrap}td{vertical-align:top}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. Evaluation: "
         f"<code>{html.escape(json.dumps({k: v for k, v in report['evaluation'].items() if not isinstance(v, dict)}))}</code></p>",
@@ -103,9 +103,11 @@ def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> No
     if training is not None:
         parts += ["<h2>Training curves</h2>", _inline_svg(training)]
     if examples:
-        parts.append("<h2>Generation examples (final model)</h2>")
-        for ex in examples:
-            parts += [f"<h3>{name}</h3><pre>{html.escape(ex[name])}</pre>" for name in ("prompt", "reference", "output")]
+        parts += ["<h2>Generation examples (final model)</h2>", "<table><thead><tr><th>prompt</th><th>reference</th>"
+                  "<th>output</th></tr></thead><tbody>"]
+        parts += ["<tr>" + "".join(f"<td><pre>{html.escape(ex[k])}</pre></td>" for k in ("prompt", "reference", "output"))
+                  + "</tr>" for ex in examples]
+        parts.append("</tbody></table>")
     parts.append("</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")

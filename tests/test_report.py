@@ -34,13 +34,54 @@ def test_chain_table_prints_one_aligned_row_per_stage_in_chain_order(tmp_path, c
         ("int8", evaluation(1234.5, 30, 999_999, 0.4, "quantize")),
     ]
     _, table = write_report(tmp_path, capsys, evals)
-    # hand-written: perplexity to 2 decimals, params with thousands separators, size in MB, tok/s rounded
+    # hand-written: perplexity to 2 decimals, ratios to the teacher's row to 3, size in MB, tok/s rounded
     assert table.splitlines() == [
-        "stage         perplexity      params   size_MB     tok/s",
-        "teacher            12.35   1,234,567      2.50      1234",
-        "recovered           8.00         987      0.00        56",
-        "int8             1234.50          30      1.00         0",
+        "stage      perplexity  ppl_vs_teacher  size_MB  size_vs_teacher     params  tokens_per_s",
+        "teacher         12.35           1.000     2.50            1.000  1,234,567          1234",
+        "recovered        8.00           0.648     0.00            0.002        987            56",
+        "int8          1234.50          99.995     1.00            0.400         30             0",
     ]
+
+
+def test_chain_rows_flatten_task_generation_and_speed_metrics(tmp_path, capsys):
+    teacher = evaluation(20.0, 1000, 4000, 10.0, "base")
+    final = evaluation(25.0, 500, 1000, 20.0, "quantize")
+    final["metrics"].update(
+        tasks={"pysyntax": {"acc": 0.5, "acc_norm": 0.25, "acc_stderr": 0.1, "num_fewshot": 0, "batch_size": 8}},
+        generation={"rouge_l": 0.3, "samples": 4, "examples": [{"prompt": "p<", "reference": "r", "output": "o&"}]},
+        decode_tokens_per_s=99.0, ms_per_token=10.1,
+    )
+    report, table = write_report(tmp_path, capsys, [("teacher", teacher), ("int8", final)])
+    assert report["chain"][1] == {"stage": "int8", "perplexity": 25.0, "params": 500, "size_bytes": 1000,
+                                  "tokens_per_s": 20.0, "decode_tokens_per_s": 99.0, "ms_per_token": 10.1,
+                                  "pysyntax/acc": 0.5, "pysyntax/acc_norm": 0.25, "rouge_l": 0.3}
+    assert table.splitlines()[0].split()[-5:] == ["decode_tokens_per_s", "ms_per_token", "pysyntax/acc",
+                                                  "pysyntax/acc_norm", "rouge_l"]
+    # the teacher has none of those: blank cells, not zeros
+    assert table.splitlines()[1].split() == ["teacher", "20.00", "1.000", "0.00", "1.000", "1,000", "10"]
+
+
+def test_page_has_the_table_plots_and_escaped_examples(tmp_path, capsys):
+    final = evaluation(25.0, 500, 1000, 20.0, "quantize")
+    final["metrics"]["generation"] = {"rouge_l": 0.3, "samples": 1, "examples": [{"prompt": "if a<b", "reference": "r", "output": "x&y"}]}
+    evals = [("teacher", evaluation(20.0, 1000, 4000, 10.0, "base")), ("int8", final)]
+    for stage, e in evals:
+        (tmp_path / f"{stage}.json").write_text(json.dumps(e))
+    curves = tmp_path / "distill.metrics.jsonl"
+    curves.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_perplexity": 12.0}\n')
+    page, plot = tmp_path / "page.html", tmp_path / "plot.svg"
+    main(["--eval", f"teacher={tmp_path / 'teacher.json'}", "--eval", f"int8={tmp_path / 'int8.json'}",
+          "--target", "lora16/t/s/int8", "--curves", f"distill={curves}", "--curves", f"recover={tmp_path / 'absent'}",
+          "--out", str(tmp_path / "out.eval"), "--html", str(page), "--plot", str(plot)])
+    html = page.read_text()
+    assert "<h1>lora16: t → s, int8</h1>" in html and "<table>" in html and "ppl_vs_teacher" in html
+    assert html.count("<svg") == 2 and ">int8<" in plot.read_text()  # the stage plot, inlined, and the curves
+    assert "if a&lt;b" in html and "x&amp;y" in html  # generated text is escaped
+    assert json.loads((tmp_path / "out.eval").read_text())["target"] == {"recipe": "lora16", "teacher": "t", "student": "s", "quant": "int8"}
+    curves.unlink()  # no training log at all: no curves section
+    main(["--eval", f"teacher={tmp_path / 'teacher.json'}", "--curves", f"distill={curves}",
+          "--out", str(tmp_path / "out.eval"), "--html", str(page), "--plot", str(plot)])
+    assert page.read_text().count("<svg") == 1 and "Training curves" not in page.read_text()
 
 
 def test_eval_file_holds_final_metrics_chain_and_lineage_from_the_manifests(tmp_path, capsys):
@@ -53,6 +94,7 @@ def test_eval_file_holds_final_metrics_chain_and_lineage_from_the_manifests(tmp_
         {"stage": "teacher", "perplexity": 20.0, "params": 1000, "size_bytes": 4000, "tokens_per_s": 10.0},
         {"stage": "int8", "perplexity": 25.0, "params": 500, "size_bytes": 1000, "tokens_per_s": 20.0},
     ]
+    assert "target" not in report  # only with --target
     assert list(report["lineage"]) == ["teacher", "int8"]
     lineage = report["lineage"]["int8"]
     assert lineage["stage"] == "quantize" and lineage["settings"] == {"scheme": "bnb-int8"}
