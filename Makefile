@@ -43,4 +43,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf data models evals results cache logs .snakemake
+	rm -rf data models evals results reports cache logs .snakemake
