@@ -115,3 +115,85 @@ def test_stride_outside_the_context_fails_before_loading(tmp_path, stride):
     assert "\n" not in str(err.value.code) and not out.exists()
     with pytest.raises(ValueError, match=f"stride {stride} must be in"):
         list(sliding_windows(100, 32, stride))
+
+
+def test_batched_windows_give_the_one_window_numbers(model_dir, data_dir):
+    from steps.models import load_model
+
+    model = load_model(model_dir).eval()
+    test = load_split(data_dir, "test")[:]
+    ids, labels = test["input_ids"].reshape(-1)[:300], test["labels"].reshape(-1)[:300]
+    one = perplexity(model, ids, labels, context=32, stride=12, batch_size=1)
+    batched = perplexity(model, ids, labels, context=32, stride=12, batch_size=5)  # 25 windows: the last batch is short
+    assert batched["scored_tokens"] == one["scored_tokens"] == 299
+    assert math.isclose(batched["perplexity"], one["perplexity"], rel_tol=1e-5)
+
+
+def stream(*records, begin=None, end=0):
+    """A prepared stream from (prompt, response) id lists: [begin] prompt response end, prompt labels -100."""
+    ids, labels = [], []
+    for prompt, response in records:
+        head = [begin] if begin is not None else []
+        ids += head + prompt + response + [end]
+        labels += [-100] * (len(head) + len(prompt)) + response + [end]
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def test_prompts_and_references_from_plain_and_instruction_records():
+    from steps.evaluate.generation import GenerationSettings, prompts_and_references
+
+    settings = GenerationSettings(samples=10, prompt_tokens=2, max_new_tokens=3)
+    ids, labels = stream(([], [5, 6, 7, 8, 9, 10]), ([], [5, 6]), ([], [11, 12, 13]))  # plain text
+    assert prompts_and_references(ids, labels, 0, None, settings) == [([5, 6], [7, 8, 9]), ([11, 12], [13])]
+    ids, labels = stream(([], [5, 6, 7, 8]), begin=1)  # a begin token is part of the prompt, never the text
+    assert prompts_and_references(ids, labels, 0, 1, settings) == [([1, 5, 6], [7, 8])]
+    ids, labels = stream(([20, 21, 22], [30, 31]), ([23], [32]), begin=1)  # instruction: the templated prompt
+    assert prompts_and_references(ids, labels, 0, 1, settings) == [([1, 20, 21, 22], [30, 31]), ([1, 23], [32])]
+    assert len(prompts_and_references(ids, labels, 0, 1, GenerationSettings(samples=1))) == 1
+
+
+def test_generation_scores_batched_greedy_decoding_like_one_prompt_at_a_time(model_dir, data_dir, tmp_path):
+    """Left padding must not change what greedy decoding writes: the batch of 3 gives the one-by-one outputs."""
+    from steps.evaluate.generation import GenerationSettings, generate, prompts_and_references
+    from steps.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    test = load_split(data_dir, "test")[:]
+    ids, labels = test["input_ids"].reshape(-1), test["labels"].reshape(-1)
+    settings = GenerationSettings(samples=3, prompt_tokens=5, max_new_tokens=6, batch_size=3)
+    prompts = [p for p, _ in prompts_and_references(ids, labels, tokenizer.eos_token_id, None, settings)]
+    prompts[1] = prompts[1][:3]  # uneven lengths, so the batch pads
+    batched = generate(model, tokenizer, prompts, settings)
+    one_by_one = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=1))
+    assert batched == one_by_one and all(len(g) <= 6 for g in batched)
+
+    report = run(str(model_dir), str(data_dir), str(tmp_path / "e.json"), EvaluateSettings(
+        context=32, stride=16, max_tokens=64, generation={"samples": 3, "prompt_tokens": 5, "max_new_tokens": 6}))
+    scores = report["metrics"]["generation"]
+    assert scores["samples"] == 3 and 0 <= scores["rouge_l"] <= 1 and len(scores["examples"]) == 3
+    assert scores["examples"][0]["output"] == tokenizer.decode(batched[0], skip_special_tokens=True)
+
+
+def test_speed_metrics_at_the_stated_shape(model_dir, data_dir, tmp_path):
+    speed = {"batch_size": 2, "prompt_tokens": 8, "new_tokens": 4, "repeats": 1}
+    metrics = run(str(model_dir), str(data_dir), str(tmp_path / "e.json"),
+                  EvaluateSettings(context=32, stride=16, max_tokens=64, speed=speed))["metrics"]
+    assert metrics["speed_shape"] == {"batch_size": 2, "prompt_tokens": 8, "new_tokens": 4}
+    assert metrics["prefill_tokens_per_s"] > 0 and metrics["decode_tokens_per_s"] > 0
+    # decode_tokens_per_s counts both sequences, ms_per_token is one step: 1000 * batch / rate
+    assert math.isclose(metrics["ms_per_token"], 1000 * 2 / metrics["decode_tokens_per_s"], rel_tol=0.01)
+    assert metrics["peak_memory_kind"] == "rss" and metrics["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"speed": {"prompt_tokens": 60, "new_tokens": 8}}, r"prompt_tokens \+ new_tokens = 68 is more than the model's 64 positions"),
+    ({"speed": {"new_tokens": 1}}, "must be 0 \\(off\\) or at least 2"),
+    ({"generation": {"samples": 2, "metric": "bleu"}}, "unknown evaluate.generation.metric 'bleu'"),
+    ({"generation": {"sample": 2}}, r"unknown GenerationSettings key\(s\) \['sample'\]"),
+    ({"batch_size": 0}, "evaluate.batch_size must be at least 1"),
+])
+def test_bad_settings_fail_in_one_line(model_dir, data_dir, tmp_path, settings, message):
+    out = tmp_path / "e.json"
+    with pytest.raises(StageError, match=message) as err:
+        run(str(model_dir), str(data_dir), str(out), EvaluateSettings(context=32, stride=16, **settings))
+    assert "\n" not in str(err.value.code) and not out.exists()

@@ -38,7 +38,7 @@ __all__ = ["EvaluateSettings", "GenerationSettings", "SpeedSettings", "perplexit
 class EvaluateSettings:
     context: int = 128  # tokens a window sees
     stride: int = 64  # tokens a window advances; stride < context gives every scored token some left context
-    max_tokens: int = 0  # 0 = the whole test split; otherwise its first N tokens (quick runs)
+    max_tokens: int = 0  # perplexity over the first N test tokens (quick runs); 0 = the whole test split
     batch_size: int = 8  # perplexity windows, and lm-eval requests, per forward pass
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (harness.py)
     num_fewshot: int = 0
@@ -78,10 +78,9 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
     tokenizer = load_tokenizer(model_dir)
     test = load_split(data_dir, "test")[:]  # all blocks as (n, block_size) tensors
     input_ids, labels = test["input_ids"].reshape(-1), test["labels"].reshape(-1)
-    if settings.max_tokens:
-        input_ids, labels = input_ids[: settings.max_tokens], labels[: settings.max_tokens]
+    cap = settings.max_tokens or len(input_ids)  # caps the perplexity pass; prompts come from the whole split
 
-    metrics = perplexity(model, input_ids, labels, settings.context, settings.stride, settings.batch_size)
+    metrics = perplexity(model, input_ids[:cap], labels[:cap], settings.context, settings.stride, settings.batch_size)
     metrics["perplexity"] = round(metrics["perplexity"], 4)
     log.info("perplexity %.4f over %d tokens, %.0f tokens/s", metrics["perplexity"], metrics["scored_tokens"], metrics["tokens_per_s"])
     if manager is not None:
