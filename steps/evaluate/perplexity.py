@@ -10,6 +10,7 @@ exactly lm-eval's windows for max_length L (tests/test_evaluate_parity.py checks
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -37,6 +38,8 @@ def sliding_windows(length: int, context: int, stride: int):
 def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, context: int, stride: int, batch_size: int = 1) -> dict:
     """Perplexity of `labels` (-100 = not scored) under `model` reading `input_ids`, `batch_size` windows per forward."""
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
+    partial_logits = "logits_to_keep" in inspect.signature(base.forward).parameters  # not every remote-code model
     windows = list(sliding_windows(len(input_ids), context, stride))
     nll, scored_tokens, seen_tokens = 0.0, 0, 0
     t0 = last_log = time.time()
@@ -46,8 +49,11 @@ def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, context: in
         targets = torch.stack([labels[begin:end] for begin, end, _ in batch]).clone()
         for row, (begin, end, scored) in enumerate(batch):
             targets[row, : end - begin - scored] = -100  # already scored by the previous window
-        targets = targets[:, 1:].to(device)  # logits at i predict the token at i+1
-        logits = model(input_ids=ids).logits[:, :-1]
+        # Logits only where a target is scored: the output layer is a large share of the work (and of the
+        # memory: batch x positions x vocabulary), and with stride < context most positions are context only.
+        keep = min(ids.shape[1], max(scored for _, _, scored in batch) + 1)
+        targets = targets[:, 1:][:, 1 - keep :].to(device)  # logits at i predict the token at i+1
+        logits = model(input_ids=ids, **({"logits_to_keep": keep} if partial_logits else {})).logits[:, -keep:-1]
         n = int((targets != -100).sum())
         if n:
             nll += torch.nn.functional.cross_entropy(

@@ -1,0 +1,117 @@
+"""How much faster is batched perplexity, and does it agree with lm-evaluation-harness?
+
+    python -m bench.eval_speed [--config config/smollm2.yaml] [--batch-sizes 8,32] [--parity-tokens 4096]
+
+On the recovered student of the config's first target (the demo's by default: run `make demo` first) and the
+config's held-out test tokens and window (context, stride), side by side in one run:
+- speed: steps.evaluate's perplexity as it ran before (one window per forward, logits at every position),
+  with one window and logits only where scored, and with `--batch-sizes` windows per forward, alternating,
+  best of `--repeats` each; the speedup over before (target >= 3x on CPU for the demo student at the
+  config's batch_size) and the ratio of the perplexities (must be 1);
+- parity: lm-eval's rolling log-likelihood perplexity (HFLM.loglikelihood_rolling, max_length L) of the
+  text of the first `--parity-tokens` test tokens, against ours on the same tokens with lm-eval's windowing
+  (a prefix token, context L + 1, stride L); target: ratio within 1e-3 of 1. lm-eval's time is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from bench.common import require, save, table
+from bench.quant_quality import chain_paths, load_config
+from steps.data import load_split
+from steps.evaluate import perplexity
+from steps.models import load_model, load_tokenizer
+
+
+class AllLogits(torch.nn.Module):
+    """The model as evaluate ran it before batching: logits at every position (no `logits_to_keep`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids)
+
+
+def timed_perplexity(model, ids, labels, context, stride, batch_size) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    result = perplexity(model, ids, labels, context=context, stride=stride, batch_size=batch_size)
+    return result["perplexity"], time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--batch-sizes", default="8,32", help="windows per forward to compare with one")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parity-tokens", type=int, default=4096)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    model_dir, data_dir = chain_paths(config)
+    require(model_dir, data_dir)
+    evaluation = config["evaluate"]
+    context, stride = evaluation["context"], evaluation["stride"]
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    test = load_split(data_dir, "test")[:]
+    cap = evaluation.get("max_tokens") or None
+    ids, labels = test["input_ids"].reshape(-1)[:cap], test["labels"].reshape(-1)[:cap]
+    print(f"{model_dir}: {model.num_parameters():,} params; {len(ids):,} test tokens, context {context}, stride {stride}")
+
+    # "before": one window per forward, logits everywhere (evaluate before this benchmark's issue); then
+    # one window with logits only where scored, and `--batch-sizes` windows per forward.
+    settings = {"before": (AllLogits(model), 1), **{b: (model, b) for b in [1] + [int(b) for b in args.batch_sizes.split(",")]}}
+    best = {name: math.inf for name in settings}
+    ppl = {}
+    perplexity(model, ids[: context * 4], labels[: context * 4], context, stride, 8)  # warm-up
+    for repeat in range(args.repeats):  # alternating, so load on the machine hits every setting alike
+        for name, (runner, b) in settings.items():
+            ppl[name], seconds = timed_perplexity(runner, ids, labels, context, stride, b)
+            best[name] = min(best[name], seconds)
+            print(f"repeat {repeat + 1}: {name!s:>6}: {seconds:6.2f} s, perplexity {ppl[name]:.4f}", flush=True)
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    text = tokenizer.decode(ids[: args.parity_tokens].tolist())
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, max_length=context - 1)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    t0 = time.perf_counter()
+    (loglikelihood,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    lm_eval_s = time.perf_counter() - t0
+    tokens = lm.tok_encode(text)
+    theirs = math.exp(-loglikelihood / len(tokens))
+    stream = torch.tensor([lm.prefix_token_id, *tokens])
+    ours, ours_s = timed_perplexity(model, stream, stream.clone(), context, context - 1, 8)
+
+    rows = [{"windows/forward": name, "seconds": round(best[name], 2), "perplexity": round(ppl[name], 4),
+             "speedup": round(best["before"] / best[name], 2), "ppl_ratio": round(ppl[name] / ppl["before"], 7)}
+            for name in settings]
+    print(table(rows))
+    parity = ours / theirs
+    print(f"parity on {len(tokens):,} tokens, lm-eval max_length {context - 1}: ours {ours:.4f} ({ours_s:.2f} s), "
+          f"lm-eval {theirs:.4f} ({lm_eval_s:.2f} s): ratio {parity:.7f}")
+    default_batch = evaluation.get("batch_size", 8)
+    speedup = best["before"] / best[default_batch] if default_batch in best else max(best["before"] / t for t in best.values())
+    print(f"target: batched (config's batch_size {default_batch}) >= 3x before: {speedup:.2f}x "
+          f"{'met' if speedup >= 3 else 'MISSED'}")
+    print(f"target: |ours / lm-eval - 1| <= 1e-3: {abs(parity - 1):.1e} {'met' if abs(parity - 1) <= 1e-3 else 'MISSED'}")
+    name = "eval_speed" if args.config == "config/config.yaml" else f"eval_speed_{args.config.split('/')[-1].removesuffix('.yaml')}"
+    path = save(
+        name,
+        inputs={"config": args.config, "model": model_dir, "tokens": len(ids), "context": context, "stride": stride,
+                "repeats": args.repeats, "parity_tokens": len(tokens)},
+        raw={"seconds": {str(k): v for k, v in best.items()}, "perplexity": {str(k): v for k, v in ppl.items()},
+             "parity": {"ours": ours, "lm_eval": theirs, "ours_s": ours_s, "lm_eval_s": lm_eval_s}},
+        ratios={"speedup": {str(k): round(best["before"] / v, 3) for k, v in best.items()}, "parity": parity},
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
