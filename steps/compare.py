@@ -154,6 +154,20 @@ def write_csv(rows: list[dict], columns: list[str], out: str | Path) -> None:
         writer.writerows(rows)
 
 
+# The pages' look, shared with the chain page of steps.report.
+PAGE_STYLE = (
+    "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
+    "th,td{padding:3px 8px;border-bottom:1px solid #ddd;vertical-align:top}th{background:#f4f4f4}"
+    "svg{max-width:100%;height:auto}pre{background:#f8f8f8;padding:6px;margin:0;white-space:pre-wrap}</style>"
+)
+
+
+def inline_svg(path: str | Path) -> str:
+    """An SVG file's <svg> element, to embed in a page (without its XML prologue)."""
+    text = Path(path).read_text()
+    return text[text.index("<svg") :]
+
+
 def write_page(rows: list[dict], columns: list[str], out: str | Path, plot: str | Path) -> None:
     """The summary page: the table and the quality-vs-size scatter inline."""
     from steps import plots  # matplotlib only when a page is asked for
@@ -161,16 +175,14 @@ def write_page(rows: list[dict], columns: list[str], out: str | Path, plot: str 
     plots.plot_quality_vs_size(
         [{"label": row["result"], "size_bytes": row["size_MB"] * 1e6, "perplexity": row["perplexity"]} for row in rows], plot
     )
-    svg = Path(plot).read_text()
     page = "\n".join([
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Results</title>',
-        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
-        "th,td{padding:3px 8px;border-bottom:1px solid #ddd}th{background:#f4f4f4}svg{max-width:100%;height:auto}</style>",
+        PAGE_STYLE,
         "</head><body><h1>Results</h1>",
         f"<p>{len(rows)} results, sorted by perplexity; ratios are to each chain's teacher.</p>",
         html_table(rows, columns),
         "<h2>Perplexity against size</h2>",
-        svg[svg.index("<svg"):],
+        inline_svg(plot),
         "</body></html>\n",
     ])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from steps.artifacts import write_json_atomic
-from steps.compare import format_table, html_table
+from steps.compare import PAGE_STYLE, format_table, html_table, inline_svg
 
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "peak_rss_bytes", "inputs")
 ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -76,12 +76,6 @@ def format_chain(chain: list[dict]) -> str:
     return format_table(rows, columns)
 
 
-def _inline_svg(path: Path) -> str:
-    """An SVG file's <svg> element, to embed in a page (without its XML prologue)."""
-    text = path.read_text()
-    return text[text.index("<svg") :]
-
-
 def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> None:
     target = report.get("target") or {}
     title = "{recipe}: {teacher} → {student}, {quant}".format(**target) if target else "chain"
@@ -90,18 +84,17 @@ def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> No
     parts = [
         "<!DOCTYPE html>",
         f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
-        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse}"
-        "th,td{padding:3px 8px;border-bottom:1px solid #ddd}th{background:#f4f4f4}svg{max-width:100%;height:auto}"
-        "pre{background:#f8f8f8;padding:6px;margin:0;white-space:pre-wrap}td{vertical-align:top}</style></head><body>",
+        PAGE_STYLE,
+        "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. Evaluation: "
         f"<code>{html.escape(json.dumps({k: v for k, v in report['evaluation'].items() if not isinstance(v, dict)}))}</code></p>",
         html_table(rows, columns),
         "<h2>Per stage</h2>",
-        _inline_svg(plot),
+        inline_svg(plot),
     ]
     if training is not None:
-        parts += ["<h2>Training curves</h2>", _inline_svg(training)]
+        parts += ["<h2>Training curves</h2>", inline_svg(training)]
     if examples:
         parts += ["<h2>Generation examples (final model)</h2>", "<table><thead><tr><th>prompt</th><th>reference</th>"
                   "<th>output</th></tr></thead><tbody>"]

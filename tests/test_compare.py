@@ -156,3 +156,17 @@ def test_tables_format_by_column_and_escape_html():
     assert '<td style="text-align:right">1,234,567</td>' in table
     assert '<td style="text-align:right"></td>' in table  # the missing size
     assert table.endswith("</tbody>\n</table>") and table.count("<tr>") == 3
+
+
+def test_summary_page_has_the_table_and_the_pareto_scatter(sweep, tmp_path, capsys):
+    page, plot = tmp_path / "summary.html", tmp_path / "scatter.svg"
+    main([*sweep, "--html", str(page), "--plot", str(plot)])
+    html = page.read_text()
+    assert html.count("<tr>") == 1 + 3 and "lora16/teacher_student_int8" in html  # header + one row per result
+    assert html.count("<svg") == 1 and "Pareto front" in html and "Pareto front" in plot.read_text()
+    # nf4 (2 MB, 80) and gguf-q8 (6 MB, 52.5) are on the front, int8 (4 MB, 55) too: none beats another on both
+    for label in ("default/teacher_student_nf4", "lora16/teacher_student_int8", "pruned/big_small-p_gguf-q8"):
+        assert label in plot.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main([*sweep, "--html", str(page)])
+    assert exit_.value.code == 2 and "--html and --plot go together" in capsys.readouterr().err
