@@ -197,3 +197,19 @@ def test_bad_settings_fail_in_one_line(model_dir, data_dir, tmp_path, settings, 
     with pytest.raises(StageError, match=message) as err:
         run(str(model_dir), str(data_dir), str(out), EvaluateSettings(context=32, stride=16, **settings))
     assert "\n" not in str(err.value.code) and not out.exists()
+
+
+def test_sampled_generation_repeats_with_its_seed(model_dir, data_dir):
+    from steps.evaluate.generation import GenerationSettings, generate, prompts_and_references
+    from steps.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    test = load_split(data_dir, "test")[:]
+    pairs = prompts_and_references(test["input_ids"].reshape(-1), test["labels"].reshape(-1), tokenizer.eos_token_id,
+                                   None, GenerationSettings(samples=4, prompt_tokens=5))
+    prompts = [p for p, _ in pairs]
+
+    def sample(seed):
+        return generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, do_sample=True, temperature=2.0, seed=seed))
+
+    assert sample(0) == sample(0) and sample(0) != sample(1)  # an untrained model at temperature 2 varies
