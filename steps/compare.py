@@ -168,13 +168,27 @@ def inline_svg(path: str | Path) -> str:
     return text[text.index("<svg") :]
 
 
+def scatter_points(rows: list[dict]) -> list[dict]:
+    """One point per distinct (size, perplexity), labelled `recipe/quant` when every result is of the same pair
+    (else the whole result name); results that land on the same point share one comma-joined label."""
+    pairs = {row["result"].split("/", 1)[1].rsplit("_", 1)[0] for row in rows}
+    points: dict[tuple, dict] = {}
+    for row in rows:
+        recipe, _, name = row["result"].partition("/")
+        label = f"{recipe}/{name.rsplit('_', 1)[1]}" if len(pairs) == 1 else row["result"]
+        key = (round(row["size_MB"], 2), round(row["perplexity"], 2))
+        if key in points:
+            points[key]["label"] += f", {label}"
+        else:
+            points[key] = {"label": label, "size_bytes": row["size_MB"] * 1e6, "perplexity": row["perplexity"]}
+    return list(points.values())
+
+
 def write_page(rows: list[dict], columns: list[str], out: str | Path, plot: str | Path) -> None:
     """The summary page: the table and the quality-vs-size scatter inline."""
     from steps import plots  # matplotlib only when a page is asked for
 
-    plots.plot_quality_vs_size(
-        [{"label": row["result"], "size_bytes": row["size_MB"] * 1e6, "perplexity": row["perplexity"]} for row in rows], plot
-    )
+    plots.plot_quality_vs_size(scatter_points(rows), plot)
     page = "\n".join([
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Results</title>',
         PAGE_STYLE,

@@ -170,3 +170,17 @@ def test_summary_page_has_the_table_and_the_pareto_scatter(sweep, tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         main([*sweep, "--html", str(page)])
     assert exit_.value.code == 2 and "--html and --plot go together" in capsys.readouterr().err
+
+
+def test_scatter_points_shorten_labels_for_one_pair_and_merge_results_on_one_point():
+    from steps.compare import scatter_points
+
+    rows = [{"result": "default/t_s_int8", "size_MB": 1.37, "perplexity": 71.47},
+            {"result": "default/t_s_llm-int8", "size_MB": 1.3651, "perplexity": 71.4701},
+            {"result": "lora16/t_s_nf4", "size_MB": 1.2, "perplexity": 72.0}]
+    assert scatter_points(rows) == [
+        {"label": "default/int8, default/llm-int8", "size_bytes": 1.37e6, "perplexity": 71.47},
+        {"label": "lora16/nf4", "size_bytes": 1.2e6, "perplexity": 72.0},
+    ]
+    other = [*rows, {"result": "default/t_x_int8", "size_MB": 3.0, "perplexity": 60.0}]
+    assert [p["label"] for p in scatter_points(other)][-1] == "default/t_x_int8"  # two pairs: whole names
