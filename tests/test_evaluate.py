@@ -213,3 +213,23 @@ def test_sampled_generation_repeats_with_its_seed(model_dir, data_dir):
         return generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, do_sample=True, temperature=2.0, seed=seed))
 
     assert sample(0) == sample(0) and sample(0) != sample(1)  # an untrained model at temperature 2 varies
+
+
+def test_real_shapes_evaluate_and_tied_matrices_count_once(tokenizer_dir, data_dir, tmp_path):
+    """9 query heads over 3 KV heads, widths that are not powers of two, tied embeddings: every metric runs,
+    and `params` counts the shared embedding / output matrix once."""
+    from conftest import make_model_dir
+
+    arch = {"hidden_size": 72, "intermediate_size": 100, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "tie_word_embeddings": True}
+    model = make_model_dir(tmp_path / "gqa", tokenizer_dir, **arch)
+    settings = EvaluateSettings(context=32, stride=16, max_tokens=96, batch_size=3, tasks=["pysyntax"], task_limit=4,
+                                generation={"samples": 2, "prompt_tokens": 6, "max_new_tokens": 4},
+                                speed={"prompt_tokens": 8, "new_tokens": 3, "repeats": 1})
+    metrics = run(str(model), str(data_dir), str(tmp_path / "e.json"), settings)["metrics"]
+    with safe_open(model / "model.safetensors", "pt") as f:  # a tied checkpoint stores the matrix once
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    # counted twice, the 400 x 72 output matrix would add 28,800
+    assert metrics["params"] == stored and "lm_head.weight" not in safe_open(model / "model.safetensors", "pt").keys()
+    assert metrics["scored_tokens"] == 95 and metrics["tasks"]["pysyntax"]["samples"] == 4
+    assert metrics["generation"]["samples"] == 2 and metrics["decode_tokens_per_s"] > 0

@@ -5,7 +5,7 @@ scored (the Hugging Face perplexity recipe), so with stride < context every scor
 The last window is aligned to the end of the stream, so it is as long as every other one: all windows
 stack into batches without padding, and the tail is scored with full context, as lm-evaluation-harness's
 rolling log-likelihood does. With a prefix token before the stream, context = L + 1 and stride = L give
-exactly lm-eval's windows for max_length L (tests/test_evaluate_parity.py checks the numbers agree).
+exactly lm-eval's windows for max_length L (tests/test_evaluate_tasks.py checks the numbers agree).
 """
 
 from __future__ import annotations
