@@ -3,6 +3,7 @@
 
 import glob
 import json
+import os
 import re
 import shlex
 import sys
@@ -294,21 +295,16 @@ def report_args(wildcards, input):
 TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
 
 
-def known_results():
-    """Every `.eval` of this workflow: the configured targets, and those already built under results/ that this
-    config can name (a file from another config, whose aliases or recipes are unknown here, is left out)."""
-    found = set(path for path in config["targets"] if path.endswith(".eval"))
-    for path in glob.glob("results/**/*.eval", recursive=True):
-        match = TARGET.fullmatch(path)
-        if not match:
-            continue
-        recipe = match["recipe"] or DEFAULT_RECIPE
-        try:
-            chain_evals(recipe, match["teacher"], match["student"], match["quant"])
-        except ValueError:
-            continue
-        found.add(path)
-    return sorted(found)
+def built_results():
+    """The `.eval` files already under results/ besides the configured targets, with their modification times.
+    The summary reads them but never rebuilds them (one made with another config would be rebuilt with this
+    one's settings); rewriting one changes this param, which refreshes the summary."""
+    targets = set(all_targets())
+    return {
+        path: os.stat(path).st_mtime_ns
+        for path in sorted(glob.glob("results/**/*.eval", recursive=True))
+        if TARGET.fullmatch(path) and path not in targets
+    }
 
 
 # ---------------------------------------------------------------- params

@@ -81,18 +81,21 @@ use rule report as report_recipe with:
         "logs/report/{recipe}/{teacher}_{student}_{quant}.log",
 
 
-# Every result this workflow knows (the targets and what is already built): one table and the
+# Every result of this workflow directory (the targets, and what is already built): one table and the
 # quality-vs-size scatter with its Pareto front.
 rule summary:
     input:
-        known_results(),
+        [target for target in all_targets() if target.endswith(".eval")],
     output:
         table=report("reports/summary.html", caption="report/summary.rst", category="Summary", labels={"view": "table and Pareto front"}),
         plot=report("reports/quality_vs_size.svg", caption="report/summary.rst", category="Summary", labels={"view": "quality vs size"}),
         csv="reports/summary.csv",
     params:
+        built=built_results(),
+        others=lambda wildcards: " ".join(shlex.quote(path) for path in built_results()),
         code=code_fingerprint("compare"),
     log:
         "logs/summary.log",
     shell:
-        "python -m steps.compare {input} --csv {output.csv} --html {output.table} --plot {output.plot} > {log} 2>&1"
+        "python -m steps.compare {input} {params.others} --csv {output.csv} --html {output.table} --plot {output.plot}"
+        " > {log} 2>&1"

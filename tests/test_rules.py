@@ -193,3 +193,22 @@ def test_every_training_rule_writes_metrics_next_to_its_log(workdir):
         (command,) = [c for c in commands if f" -m steps.{module} " in c and f"logs/{log}.log" in c]
         assert f" --metrics logs/{log}.metrics.jsonl " in command
         assert command.endswith(f" > logs/{log}.log 2>&1")
+
+
+def test_summary_reads_results_already_built_but_never_rebuilds_them(workdir):
+    """An .eval under results/ from another config (an alias this one does not know) or another target goes
+    into the summary as it is, not into the plan; a file outside the target grammar is ignored."""
+    foreign = workdir / "results" / "other" / "big_small_q4.eval"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text(json.dumps({"chain": [{"stage": "quantized", "perplexity": 9.0, "size_bytes": 1}]}))
+    (workdir / "results" / "notes.eval").write_text("not a result")
+    try:
+        result = snakemake(workdir, "-n", "-p", "reports/summary.html")
+        (job,) = [job for job in job_blocks(result) if job["rule"] == "summary"]
+        assert job["input"] == "results/teacher_student_int8.eval"  # the config's target: built first
+        shell = re.search(r"python -m steps\.compare (.*?) --csv", result.stdout + result.stderr)[1].split()
+        assert shell == ["results/teacher_student_int8.eval", "results/other/big_small_q4.eval"]
+        assert "big_small" not in "".join(job.get("output", "") for job in job_blocks(result))  # not rebuilt
+    finally:
+        foreign.unlink()
+        (workdir / "results" / "notes.eval").unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -130,6 +131,19 @@ def test_html_report_carries_the_chain_page_plot_and_summary(built, tmp_path):
     """`snakemake --report` carries the .eval, the chain's page (table with ratios and scores, plots inline) and
     plot under "Chains", and the summary page and quality-vs-size scatter under "Summary" (data URIs)."""
     assert planned_jobs(snakemake(built, "-n", "reports/summary.html")) == {"summary": 1}  # the chain is built
+    snakemake(built, "reports/summary.html")
+    # a result built with another config is read as it is; writing it, or writing it again, refreshes the summary
+    other = built / "results" / "other" / "big_small_q4.eval"
+    other.parent.mkdir(parents=True, exist_ok=True)
+    foreign = {k: v for k, v in json.loads((built / TARGET).read_text()).items() if k != "target"}  # named by its path
+    other.write_text(json.dumps(foreign))
+    assert planned_jobs(snakemake(built, "-n", "reports/summary.html")) == {"summary": 1}
+    snakemake(built, "reports/summary.html")
+    assert planned_jobs(snakemake(built, "-n", "reports/summary.html")) == {}
+    assert "other/big_small_q4" in (built / "reports" / "summary.csv").read_text()
+    os.utime(other, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert planned_jobs(snakemake(built, "-n", "reports/summary.html")) == {"summary": 1}
+    other.unlink()
     snakemake(built, "reports/summary.html")
     html = tmp_path / "report.html"
     snakemake(built, "--report", str(html), TARGET, "reports/summary.html")
