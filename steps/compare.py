@@ -66,6 +66,20 @@ def _ratio(value: float, baseline: float | None) -> float | None:
     return value / baseline if baseline else None
 
 
+def teacher_ratios(row: dict, teacher: dict) -> dict:
+    """A chain row's size in MB, and its perplexity and size as ratios to the teacher's row (None without one)."""
+    return {
+        "size_MB": row["size_bytes"] / 1e6,
+        "ppl_vs_teacher": _ratio(row["perplexity"], teacher.get("perplexity")),
+        "size_vs_teacher": _ratio(row["size_bytes"], teacher.get("size_bytes")),
+    }
+
+
+def score_columns(present: set[str]) -> list[str]:
+    """Task scores (sorted) then generation scores, of the columns present."""
+    return sorted(k for k in present if "/" in k) + [k for k in GENERATION_SCORES if k in present]
+
+
 def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
     """One row per (path, report), sorted by the final model's perplexity; absent values are left out."""
     rows = []
@@ -78,9 +92,7 @@ def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
         row = {
             "result": f"{target['recipe']}/{target['teacher']}_{target['student']}_{target['quant']}",
             "perplexity": final["perplexity"],
-            "ppl_vs_teacher": _ratio(final["perplexity"], teacher.get("perplexity")),
-            "size_MB": final["size_bytes"] / 1e6,
-            "size_vs_teacher": _ratio(final["size_bytes"], teacher.get("size_bytes")),
+            **teacher_ratios(final, teacher),
             "params": final.get("params"),
             "tokens_per_s": final.get("tokens_per_s"),
             "decode_tokens_per_s": final.get("decode_tokens_per_s"),
@@ -94,8 +106,7 @@ def compare_columns(rows: list[dict]) -> list[str]:
     """The base columns, decode throughput when any row has it, then the union of score columns."""
     present = {k for row in rows for k in row}
     columns = BASE_COLUMNS + (["decode_tokens_per_s"] if "decode_tokens_per_s" in present else [])
-    tasks = sorted(k for k in present if "/" in k)
-    return columns + tasks + [k for k in GENERATION_SCORES if k in present]
+    return columns + score_columns(present)
 
 
 def format_value(column: str, value) -> str:

@@ -21,12 +21,11 @@ import tempfile
 from pathlib import Path
 
 from steps.artifacts import write_json_atomic
-from steps.compare import PAGE_STYLE, format_table, html_table, inline_svg
+from steps.compare import GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios
 
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "peak_rss_bytes", "inputs")
 ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "ms_per_token", "peak_memory_bytes")
-SCORE_KEYS = ("rouge_l", "exact_match", "f1")
 TASK_KEYS = ("acc", "acc_norm")
 
 
@@ -35,7 +34,7 @@ def chain_row(stage: str, metrics: dict) -> dict:
     row = {"stage": stage, **{k: metrics[k] for k in ROW_KEYS if k in metrics}}
     for task, scores in metrics.get("tasks", {}).items():
         row.update({f"{task}/{k}": scores[k] for k in TASK_KEYS if k in scores})
-    row.update({k: v for k, v in metrics.get("generation", {}).items() if k in SCORE_KEYS})
+    row.update({k: v for k, v in metrics.get("generation", {}).items() if k in GENERATION_SCORES})
     return row
 
 
@@ -55,20 +54,15 @@ def build_report(evals: list[tuple[str, dict]], target: dict | None = None) -> d
 
 def table_rows(chain: list[dict]) -> tuple[list[dict], list[str]]:
     """The chain as table rows (sizes in MB, ratios to the teacher's row) and the columns present."""
-    teacher = next((row for row in chain if row["stage"] == "teacher"), None)
+    teacher = next((row for row in chain if row["stage"] == "teacher"), {})
     rows = []
     for row in chain:
-        out = {k: v for k, v in row.items() if k != "size_bytes"}
-        out["size_MB"] = row["size_bytes"] / 1e6
-        if teacher:
-            out["ppl_vs_teacher"] = row["perplexity"] / teacher["perplexity"]
-            out["size_vs_teacher"] = row["size_bytes"] / teacher["size_bytes"]
-        rows.append(out)
+        ratios = {k: v for k, v in teacher_ratios(row, teacher).items() if v is not None}
+        rows.append({**{k: v for k, v in row.items() if k != "size_bytes"}, **ratios})
     order = ["stage", "perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s",
              "decode_tokens_per_s", "ms_per_token"]
     present = {k for row in rows for k in row}
-    scores = sorted(k for k in present if "/" in k) + [k for k in SCORE_KEYS if k in present]
-    return rows, [c for c in order if c in present] + scores
+    return rows, [c for c in order if c in present] + score_columns(present)
 
 
 def format_chain(chain: list[dict]) -> str:
