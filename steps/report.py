@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 
 from steps.artifacts import write_json_atomic
-from steps.compare import GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios
+from steps.compare import (
+    GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios,
+)
 
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "peak_rss_bytes", "inputs")
 ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
