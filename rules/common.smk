@@ -1,6 +1,7 @@
 # Helpers for the rules: target parsing, path functions, per-stage settings.
 # Plain Python over `config`; no torch here (a no-op `snakemake -n` stays fast).
 
+import functools
 import glob
 import json
 import os
@@ -144,15 +145,57 @@ def base_dir(alias):
     return f"models/base/{alias}"
 
 
+# ---------------------------------------------------------------- sharing across recipes
+# A chain stage's model is made by the settings of its own section and of every section before it. Two
+# recipes that agree on those share the stage: its directory carries the name of the first of them, the
+# default first and then by name, so a recipe that only changes `recover:` reads the default's distilled
+# and pruned models instead of training them again.
+
+CHAIN_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
+STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  # the model each training step makes
+
+
+@functools.cache
+def stage_key(recipe, stage, evaluated=False):
+    """What makes `recipe`'s `stage` model (and, `evaluated`, its evaluation), as canonical JSON."""
+    if stage.startswith("quant/"):
+        methods = section(recipe, "quantize")["methods"]
+        settings = {"upstream": stage_key(recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
+    elif stage == "base":  # a base model's evaluation: the same model in every recipe
+        settings = {}
+    else:
+        settings = {name: section(recipe, name) for name in CHAIN_SECTIONS[stage]}
+    if evaluated:
+        settings["evaluate"] = section(recipe, "evaluate")
+    return as_json(settings)
+
+
+@functools.cache
+def stage_owner(recipe, stage, evaluated=False):
+    """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
+    key = stage_key(recipe, stage, evaluated)
+    return next(r for r in (DEFAULT_RECIPE, *sorted(config["recipes"])) if r == recipe or stage_key(r, stage, evaluated) == key)
+
+
+def check_owner(recipe, stage, path, evaluated=False):
+    """An explicit path of a stage that another recipe's directory holds is refused, naming that directory
+    (building it again would give the same model twice)."""
+    owner = stage_owner(recipe, stage, evaluated)
+    if owner != recipe:
+        raise ValueError(
+            f"{path} is not built: recipe {recipe!r} has the settings of {owner!r} up to this stage, so it reads "
+            f"{path.replace(f'/{recipe}/', f'/{owner}/', 1)} (ask for that path)"
+        )
+
+
 def chain_dir(recipe, teacher, student, stage):
     model_spec(teacher), model_spec(student), recipe_overrides(recipe)  # fail early on unknown names
-    return f"models/{recipe}/{teacher}_{student}/{stage}"
+    return f"models/{stage_owner(recipe, stage)}/{teacher}_{student}/{stage}"
 
 
 def eval_scope(recipe):
-    """Where a recipe's base-model evaluations live: shared by every recipe (`default`) unless the recipe
-    changes `evaluate:` itself, since a base model is the same model in every recipe."""
-    return recipe if section(recipe, "evaluate") != config["evaluate"] else DEFAULT_RECIPE
+    """Where a recipe's base-model evaluations live: shared by every recipe with the same `evaluate:` section."""
+    return stage_owner(recipe, "base", evaluated=True)
 
 
 def base_eval(recipe, alias, data):
@@ -165,13 +208,15 @@ def chain_evals(recipe, teacher, student, quant):
     """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
     itself: its evaluation, not a second one."""
     data = data_dir(teacher).rpartition("/")[2]
-    chain = f"evals/{recipe}/{teacher}_{student}"
     quantized = "recovered" if quant_method(recipe, quant)["scheme"] == "none" else f"quant/{quant}"
+    stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
     return {
         "teacher": base_eval(recipe, teacher, data),
         "student": base_eval(recipe, student, data),
-        **{stage: f"{chain}/{stage}.json" for stage in ("distilled", "pruned", "recovered")},
-        "quantized": f"{chain}/{quantized}.json",
+        **{
+            name: f"evals/{stage_owner(recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
+            for name, stage in stages.items()
+        },
     }
 
 
@@ -288,7 +333,10 @@ def report_args(wildcards, input):
     pair = f"{wildcards.teacher}_{wildcards.student}"
     args = [f"--eval {name}={path}" for name, path in input.items()]
     args.append(f"--target {recipe}/{wildcards.teacher}/{wildcards.student}/{wildcards.quant}")
-    args += [f"--curves {stage}=logs/{stage}/{recipe}/{pair}.metrics.jsonl" for stage in ("distill", "recover")]
+    args += [
+        f"--curves {step}=logs/{step}/{stage_owner(recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
+        for step in ("distill", "recover")
+    ]
     return " ".join(args)
 
 
@@ -311,12 +359,17 @@ def built_results():
 
 
 def settings_for(name):
-    """Param function: the recipe-merged settings of a section, as JSON for the step's --settings."""
+    """Param function: the recipe-merged settings of a section, as JSON for the step's --settings. A path of
+    a stage that another recipe's directory holds is refused here, where every chain rule passes."""
 
-    def settings(wildcards):
+    def settings(wildcards, output):
         values = section(wildcards.recipe, name)
         if name == "quantize":
             values = quant_method(wildcards.recipe, wildcards.quant)
+            stage = f"quant/{wildcards.quant}"
+        else:
+            stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
+        check_owner(wildcards.recipe, stage, output[0], evaluated=name == "evaluate")
         return as_json(values)
 
     return settings

@@ -126,6 +126,53 @@ def test_each_distinct_model_is_evaluated_once(workdir):
     assert base == ["evals/long/base/teacher/student.json", "evals/long/base/teacher/teacher.json"]
 
 
+SWEEP = """\
+recipes:
+  r16: {recover: {rank: 16}}                                    # recovery only: distils and prunes as default
+  p25: {prune: {ratios: {intermediate_size: 0.25}}}              # pruning: distils as default
+  p25-r16: {prune: {ratios: {intermediate_size: 0.25}}, recover: {rank: 16}}
+  same: {recover: {rank: 8}, evaluate: {context: 128}}          # the default's values, written out
+"""
+
+
+def test_recipes_share_every_stage_up_to_where_their_settings_differ(workdir, tmp_path):
+    """A LoRA-rank x prune-ratio sweep distils once, prunes once per ratio and recovers once per pair; each
+    stage lives under the first recipe with its settings up to there (the default first, then by name)."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    recipes = ("default", "r16", "p25", "p25-r16", "same")
+    targets = [f"results/{r}/teacher_student_int8.eval".replace("/default/", "/") for r in recipes]
+    result = snakemake(workdir, "-n", "-p", *targets, configs=(str(sweep),))
+    planned = job_blocks(result)
+    outputs = lambda rule: sorted(job["output"] for job in planned if job["rule"] == rule)  # noqa: E731
+    pair = "teacher_student"
+    assert outputs("distill") == [f"models/default/{pair}/distilled"]
+    assert outputs("prune") == [f"models/default/{pair}/pruned", f"models/p25/{pair}/pruned"]
+    assert outputs("recover") == sorted(f"models/{r}/{pair}/recovered" for r in ("default", "p25", "p25-r16", "r16"))
+    assert len(outputs("quantize")) == 4 and len(outputs("evaluate")) == 1 + 2 + 4 + 4
+    inputs = {job["output"]: job["input"].split(", ") for job in planned if job["rule"] in ("prune", "recover")}
+    assert inputs[f"models/p25/{pair}/pruned"][0] == f"models/default/{pair}/distilled"
+    assert inputs[f"models/r16/{pair}/recovered"][0] == f"models/default/{pair}/pruned"
+    assert inputs[f"models/p25-r16/{pair}/recovered"][0] == f"models/p25/{pair}/pruned"
+    reports = {job["output"].split(", ")[0]: job["input"].split(", ") for job in planned if job["rule"].startswith("report")}
+    assert reports["results/same/teacher_student_int8.eval"] == reports["results/teacher_student_int8.eval"]
+    assert reports["results/r16/teacher_student_int8.eval"][2:4] == [
+        f"evals/default/{pair}/distilled.json", f"evals/default/{pair}/pruned.json"]
+    # the page's training curves come from the run that made each model
+    (command,) = [line for line in result.stdout.splitlines() if "--target r16/" in line]
+    assert f"--curves distill=logs/distill/default/{pair}.metrics.jsonl" in command
+    assert f"--curves recover=logs/recover/r16/{pair}.metrics.jsonl" in command
+
+
+def test_a_stage_path_another_recipe_holds_is_refused_naming_it(workdir, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    result = snakemake(workdir, "-n", "models/r16/teacher_student/pruned", configs=(str(sweep),), check=False)
+    assert result.returncode != 0
+    assert ("ValueError: models/r16/teacher_student/pruned is not built: recipe 'r16' has the settings of 'default' "
+            "up to this stage, so it reads models/default/teacher_student/pruned (ask for that path)\n") in result.stdout
+
+
 @pytest.mark.parametrize("target,message", [
     ("results/llama_student_int8.eval",
      "unknown model alias 'llama'; known: student, teacher (add it under `models:` in the config)"),
