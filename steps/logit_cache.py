@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,13 +40,14 @@ from steps.models import load_model, load_tokenizer, pick_device
 log = logging.getLogger("steps")
 
 DTYPES = {"float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.int16)}  # numpy has no bfloat16
+Dtype = Literal[tuple(DTYPES)]  # float16 | bfloat16
 BATCH_BLOCKS = 8  # teacher forward batch while building; the content does not depend on it
 
 
 @dataclass
 class CacheSettings:
     top_k: int = 0  # teacher log-probs kept per position; 0 = no cache, distill runs the teacher live
-    dtype: str = "float16"  # float16 | bfloat16: storage of the log-probs
+    dtype: Dtype = "float16"  # storage of the log-probs
 
 
 def check_settings(settings: CacheSettings) -> None:

@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class LoopSettings:
     checkpoint_every: int = 0  # 0 = never
     eval_every: int = 0  # validation perplexity every N steps and after the last (0 = never)
     eval_blocks: int = 64  # the first N blocks of the val split
-    parallel: str = "ddp"  # with several GPUs: ddp (replicas) | fsdp (sharded, for models too big for one GPU)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several GPUs: ddp (replicas) | fsdp (sharded, for models too big for one GPU)
 
 
 def batch_at(blocks, step: int, micro: int, settings: LoopSettings, device) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +43,12 @@ from steps.losses import KD_LOSSES, kd_loss, shifted_ce, shifted_nll, top_k_kd_l
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
 from steps.training import LoopSettings, drop_checkpoint, train
 
+Loss = Literal[tuple(KD_LOSSES)]  # steps.losses.KD_LOSSES's names: forward_kl | reverse_kl | jsd
+
 
 @dataclass
 class DistillSettings:
-    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    loss: Loss = "forward_kl"
     temperature: float = 1.0  # softens both distributions; loss is scaled by T^2
     kd_weight: float = 0.5  # 1.0 = pure KD, 0.0 = plain fine-tuning on labels
     jsd_beta: float = 0.5  # mixture weight for jsd

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,15 @@ from torch import nn
 
 from steps.artifacts import StageError
 
-LOSSES = ("mse", "cosine")
+Loss = Literal["mse", "cosine"]
+LOSSES = get_args(Loss)
 
 
 @dataclass
 class HiddenSettings:
     weight: float = 0.0  # the term is added as weight * hidden_loss; 0 = off (no projection, no hidden states)
-    layers: list = field(default_factory=list)  # [student_layer, teacher_layer] pairs, 1-based; [] = evenly spaced
-    loss: str = "mse"  # mse (TinyBERT, squared error per dim) | cosine (direction only, scale-free)
+    layers: list[list[int]] = field(default_factory=list)  # [student_layer, teacher_layer] pairs, 1-based; [] = evenly spaced
+    loss: Loss = "mse"  # mse (TinyBERT, squared error per dim) | cosine (direction only, scale-free)
 
 
 def check(settings: HiddenSettings) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -19,13 +20,14 @@ from steps.evaluate.scores import rouge_l, triple_scores
 
 log = logging.getLogger("steps")
 
-METRICS = ("rouge_l", "triples")
+Metric = Literal["rouge_l", "triples"]
+METRICS = get_args(Metric)
 
 
 @dataclass
 class GenerationSettings:
     samples: int = 0  # test records to decode from; 0 = no generation scores
-    metric: str = "rouge_l"  # rouge_l (free text, MiniLLM) | triples (a_b_c per line: exact match, F1)
+    metric: Metric = "rouge_l"  # rouge_l (free text, MiniLLM) | triples (a_b_c per line: exact match, F1)
     prompt_tokens: int = 32  # plain text: the prompt is a record's first tokens
     max_new_tokens: int = 32  # also the reference length for plain text
     do_sample: bool = False  # greedy by default

@@ -36,7 +36,8 @@ from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging
 from steps.data import load_split
 from steps.models import load_model, load_tokenizer, pick_device, save_model
 from steps.prune import importance, surgery
-from steps.prune.shape import AXES, protected_indices, pruned_shape, shape_of
+from steps.prune.importance import LayerCriterion, WidthCriterion
+from steps.prune.shape import AXES, Axis, protected_indices, pruned_shape, shape_of
 
 log = logging.getLogger("steps")
 
@@ -47,12 +48,12 @@ LAYER_IMPORTANCE = importance.LAYER_CRITERIA
 
 @dataclass
 class PruneSettings:
-    importance: str = "activation"  # width: activation | taylor | magnitude | random (bench/RESULTS.md: prune_quality)
-    layer_importance: str = "block_influence"  # depth: block_influence | perplexity | random
-    ratios: dict = field(default_factory=dict)  # share removed per config key, e.g. {"intermediate_size": 0.5}
-    target: dict = field(default_factory=dict)  # the pruned shape per config key, e.g. {"num_hidden_layers": 21}
+    importance: WidthCriterion = "activation"  # width (bench/RESULTS.md: prune_quality)
+    layer_importance: LayerCriterion = "block_influence"  # depth: whole decoder layers
+    ratios: dict[Axis, float] = field(default_factory=dict)  # share removed per config key, e.g. {"intermediate_size": 0.5}
+    target: dict[Axis, int] = field(default_factory=dict)  # the pruned shape per config key, e.g. {"num_hidden_layers": 21}
     round_to: int = 64  # pruned widths are multiples of this (GPTQ groups, bitsandbytes 4-bit blocks)
-    protected_layers: list = field(default_factory=lambda: [0, -1])  # never removed; negative from the end
+    protected_layers: list[int] = field(default_factory=lambda: [0, -1])  # never removed; negative from the end
     calibration_batches: int = 4  # batches of 8 train blocks for every data-driven score
     seed: int = 0
 

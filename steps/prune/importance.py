@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -33,8 +34,10 @@ from steps.artifacts import StageError
 from steps.losses import shifted_ce
 from steps.prune.surgery import decoder_layers
 
-WIDTH_CRITERIA = ("magnitude", "taylor", "activation", "random")
-LAYER_CRITERIA = ("block_influence", "perplexity", "random")
+WidthCriterion = Literal["magnitude", "taylor", "activation", "random"]
+LayerCriterion = Literal["block_influence", "perplexity", "random"]
+WIDTH_CRITERIA = get_args(WidthCriterion)
+LAYER_CRITERIA = get_args(LayerCriterion)
 
 
 @dataclass

@@ -12,10 +12,12 @@ pruned Llama keeps that too.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 from steps.artifacts import StageError
 
-AXES = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "intermediate_size", "hidden_size")
+Axis = Literal["num_hidden_layers", "num_key_value_heads", "num_attention_heads", "intermediate_size", "hidden_size"]
+AXES = get_args(Axis)
 WIDTHS = ("intermediate_size", "hidden_size")
 WHAT = {
     "num_hidden_layers": "layer",

@@ -38,6 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -47,25 +48,28 @@ from steps.quantize import bnb, gguf, gptq, smoothquant
 
 log = logging.getLogger("steps")
 
-SCHEMES = ("bnb-int8", "bnb-nf4", "bnb-fp4", "w8a8", "gptq", "rtn", "dtype", "gguf")
+Scheme = Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "w8a8", "gptq", "rtn", "dtype", "gguf"]
+SCHEMES = get_args(Scheme)
+GPTQBits = Literal[4, 8]
+GPTQ_BITS = get_args(GPTQBits)
 GPTQ_SCHEMES = ("gptq", "rtn")  # written by GPTQModel in the GPTQ checkpoint format
 CALIBRATED = ("gptq", "w8a8")  # read calibration blocks of the train split
 
 
 @dataclass
 class QuantizeSettings:
-    scheme: str = "bnb-int8"  # one of SCHEMES (or `none`, which the workflow passes through without a job)
-    dtype: str = "float16"  # what stays unquantized (embeddings, norms, lm_head) is stored in it; dtype scheme: the cast; bnb 4-bit: the compute dtype
+    scheme: Scheme = "bnb-int8"  # one of SCHEMES (or `none`, which the workflow passes through without a job)
+    dtype: Literal["float16", "bfloat16"] = "float16"  # what stays unquantized (embeddings, norms, lm_head) is stored in it; dtype scheme: the cast; bnb 4-bit: the compute dtype
     double_quant: bool = False  # bnb 4-bit: also quantize the quantization constants
     threshold: float = 6.0  # bnb-int8: input features with a value above it are multiplied in 16-bit (LLM.int8's outliers); 0 = none
     alpha: float = 0.5  # w8a8: SmoothQuant migration strength in [0, 1]: the larger, the more of the activations' range moves onto the weights
-    bits: int = 4  # gptq / rtn: 4 | 8
+    bits: GPTQBits = 4  # gptq / rtn
     group_size: int = 128  # gptq / rtn: input channels sharing one scale; must divide every layer's in_features; -1: one group per row
     calibration_blocks: int = 128  # gptq, w8a8: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
     damp_percent: float = 0.05  # gptq: share of the Hessian's mean diagonal added to it before inversion
     desc_act: bool = False  # gptq: quantize columns by decreasing activation size (act-order); slower kernels
     seed: int = 0  # gptq, w8a8: which train blocks are drawn
-    type: str = "q8_0"  # gguf: the GGUF tensor type of the matrices (gguf.TYPES); norms stay f32
+    type: gguf.TensorType = "q8_0"  # gguf: the GGUF tensor type of the matrices; norms stay f32
 
 
 def check_settings(settings: QuantizeSettings, data_dir: str | None) -> None:
@@ -84,7 +88,7 @@ def check_settings(settings: QuantizeSettings, data_dir: str | None) -> None:
             raise StageError(f"{settings.scheme} calibration_blocks must be at least 1, got {settings.calibration_blocks}")
     if settings.scheme not in GPTQ_SCHEMES:
         return
-    if settings.bits not in (4, 8):
+    if settings.bits not in GPTQ_BITS:
         raise StageError(f"{settings.scheme} bits must be 4 or 8, got {settings.bits}; set `bits: 4` or `bits: 8`")
     if settings.group_size != -1 and settings.group_size < 1:
         raise StageError(f"{settings.scheme} group_size must be positive or -1, got {settings.group_size}")

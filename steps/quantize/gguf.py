@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 import gguf
 import torch
@@ -39,7 +40,8 @@ from steps.models import ADAPTER_DIR, unmerged_adapter
 log = logging.getLogger("steps")
 
 GGUF_FILE = "model.gguf"
-TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # the types gguf's numpy code can write
+TensorType = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]  # the types gguf's numpy code can write
+TYPES = get_args(TensorType)
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
 OUTPUT_TYPE = "q8_0"  # the output matrix under LOW_BIT types (llama-quantize: Q6_K)
 # config.model_type -> (GGUF architecture, whether q/k rows are reordered for llama.cpp's RoPE)

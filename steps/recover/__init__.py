@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 
@@ -41,19 +42,21 @@ from steps.recover import adapters
 from steps.recover.freeze import freeze_all_but_last
 from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
-METHODS = ("lora", "qlora", "freeze", "prefix")
-OBJECTIVES = ("lm", "kd")
+Method = Literal["lora", "qlora", "freeze", "prefix"]
+Objective = Literal["lm", "kd"]
+METHODS = get_args(Method)
+OBJECTIVES = get_args(Objective)
 
 
 @dataclass
 class RecoverSettings:
-    method: str = "lora"  # lora | qlora | freeze | prefix
-    objective: str = "lm"  # lm (next-token loss) | kd (distillation from the chain's teacher, distill's loss)
+    method: Method = "lora"
+    objective: Objective = "lm"  # lm (next-token loss) | kd (distillation from the chain's teacher, distill's loss)
     rank: int = 8  # lora, qlora: rank r
     alpha: float = 16.0  # lora, qlora: updates are scaled by alpha / r
     dropout: float = 0.0  # lora, qlora
-    target_modules: list | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # or "all-linear"
-    bits: int = 4  # qlora: the base is loaded in 8 (LLM.int8) or 4 (NF4) bits
+    target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    bits: adapters.QLoraBits = 4  # qlora: the base is loaded in 8 (LLM.int8) or 4 (NF4) bits
     trainable_layers: int = 5  # freeze: the last N decoder layers train
     virtual_tokens: int = 16  # prefix: trained key/value positions per layer
     train: dict = field(default_factory=dict)  # LoopSettings

@@ -10,13 +10,15 @@ merged: its output is the unchanged base plus `adapter/`, which
 from __future__ import annotations
 
 import copy
+from typing import Literal, get_args
 
 import torch
 
 from steps.artifacts import StageError
 from steps.models import ADAPTER_DIR, generic_4bit_kernel, load_model
 
-QLORA_BITS = (4, 8)
+QLoraBits = Literal[4, 8]
+QLORA_BITS = get_args(QLoraBits)
 
 
 def lora_config(settings):
