@@ -75,47 +75,149 @@ def test_a_typo_stops_snakemake_before_any_job(tmp_path):
     assert "rnak" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize(
-    "definition,settings",
-    [
-        ("distill", "steps.distill:DistillSettings"),
-        ("logit_cache", "steps.logit_cache:CacheSettings"),
-        ("on_policy", "steps.distill.onpolicy:OnPolicySettings"),
-        ("hidden", "steps.distill.hidden:HiddenSettings"),
-        ("prune", "steps.prune:PruneSettings"),
-        ("recover", "steps.recover:RecoverSettings"),
-        ("quant_method", "steps.quantize:QuantizeSettings"),
-        ("evaluate", "steps.evaluate:EvaluateSettings"),
-        ("generation", "steps.evaluate.generation:GenerationSettings"),
-        ("speed", "steps.evaluate.speed:SpeedSettings"),
-        ("loop", "steps.training:LoopSettings"),
-    ],
-)
-def test_schema_and_settings_dataclass_name_the_same_keys(definition, settings):
-    """One truth per setting: a key the schema accepts reaches the stage, and a stage setting is configurable."""
+# The stage sections of the schema and the settings dataclass each stage builds from them
+# (steps.artifacts.settings_from): one truth per setting, checked field by field below.
+SETTINGS = {
+    "distill": "steps.distill:DistillSettings",
+    "logit_cache": "steps.logit_cache:CacheSettings",
+    "on_policy": "steps.distill.onpolicy:OnPolicySettings",
+    "hidden": "steps.distill.hidden:HiddenSettings",
+    "prune": "steps.prune:PruneSettings",
+    "recover": "steps.recover:RecoverSettings",
+    "quant_method": "steps.quantize:QuantizeSettings",
+    "evaluate": "steps.evaluate:EvaluateSettings",
+    "generation": "steps.evaluate.generation:GenerationSettings",
+    "speed": "steps.evaluate.speed:SpeedSettings",
+    "loop": "steps.training:LoopSettings",
+}
+# A `dict` field that the stage parses as another settings dataclass: the schema must $ref that one's $def.
+NESTED = {
+    ("distill", "logit_cache"): "logit_cache",
+    ("distill", "on_policy"): "on_policy",
+    ("distill", "hidden"): "hidden",
+    ("distill", "train"): "loop",
+    ("recover", "train"): "loop",
+    ("evaluate", "generation"): "generation",
+    ("evaluate", "speed"): "speed",
+}
+# Values the schema accepts beyond the dataclass's choices, on purpose.
+SCHEMA_ONLY = {
+    ("quant_method", "scheme"): {"string": {"none"}},  # the workflow passes `none` through without a quantize job
+}
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}  # bool first: it is an int too
+
+
+def json_type(value):
+    return next(name for kind, name in JSON_TYPES.items() if isinstance(value, kind))
+
+
+def show(form):
+    """A form as text, sets sorted: `string in ['jsd', 'reverse_kl']`, `array of (integer)`."""
+    if not isinstance(form, dict):
+        return "any" if form is None else repr(sorted(form))
+    parts = []
+    for kind, detail in sorted(form.items()):
+        if kind == "$ref" or detail is None:
+            parts.append(f"{kind} {detail}" if detail else kind)
+        elif kind == "array":
+            parts.append(f"array of ({show(detail)})")
+        elif kind == "object":
+            parts.append(f"object of keys {show(detail[0])} to ({show(detail[1])})")
+        else:
+            parts.append(f"{kind} in {show(detail)}")
+    return " | ".join(parts)
+
+
+def merge(forms):
+    """Union of accepted-value forms: {json type: None (any value) | frozenset of values | nested form}."""
+    out = {}
+    for form in forms:
+        for kind, detail in form.items():
+            if kind not in out:
+                out[kind] = detail
+            elif kind in ("array", "object"):
+                assert out[kind] == detail, f"two different {kind} branches: {out[kind]} and {detail}"
+            else:  # scalars: a restricted set widens, an unrestricted branch takes everything
+                out[kind] = None if out[kind] is None or detail is None else out[kind] | detail
+    return out
+
+
+def hint_form(hint):
+    """What a dataclass annotation accepts, in JSON terms."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return merge(hint_form(arg) for arg in args)
+    if origin is typing.Literal:
+        return merge({json_type(value): frozenset([value])} for value in args)
+    if hint in JSON_TYPES:
+        return {JSON_TYPES[hint]: None}
+    if hint is list or origin is list:
+        return {"array": hint_form(args[0]) if args else None}
+    if hint is dict or origin is dict:
+        return {"object": (hint_form(args[0]).get("string"), hint_form(args[1])) if args else None}
+    raise AssertionError(f"no JSON counterpart for the annotation {hint!r}")
+
+
+def schema_form(prop):
+    """What a schema property accepts, in the same terms; a $ref is {"$ref": name of the $def}."""
+    if "$ref" in prop:
+        return {"$ref": prop["$ref"].removeprefix("#/$defs/")}
+    if "anyOf" in prop or "oneOf" in prop:
+        return merge(schema_form(branch) for branch in prop.get("anyOf", prop.get("oneOf")))
+    if "enum" in prop or "const" in prop:
+        values = prop["enum"] if "enum" in prop else [prop["const"]]
+        return merge({json_type(value): frozenset([value])} for value in values)
+    kinds = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    form = {}
+    for kind in kinds:
+        if kind == "array":
+            form[kind] = schema_form(prop["items"]) if "items" in prop else None
+        elif kind == "object":
+            keys = frozenset(prop["properties"]) if prop.get("additionalProperties") is False else None
+            values = ([prop["additionalProperties"]] if isinstance(prop.get("additionalProperties"), dict)
+                      else list(prop.get("properties", {}).values()))
+            form[kind] = (keys, merge(schema_form(value) for value in values)) if values else None
+        else:
+            form[kind] = None
+    return form
+
+
+@pytest.mark.parametrize("definition,settings", SETTINGS.items(), ids=SETTINGS)
+def test_schema_and_settings_dataclass_agree_field_by_field(definition, settings):
+    """One truth per setting: the schema accepts a key exactly when the stage has that setting, of the same
+    JSON type(s), with the same choices (schema `enum` = the field's Literal), nested sections $ref the $def of
+    the dataclass the stage parses them with, and every dataclass default passes the schema."""
     import dataclasses
     import importlib
+    import typing
+
+    import jsonschema
 
     module, _, name = settings.partition(":")
-    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
-    schema = load(SCHEMA)["$defs"][definition]["properties"]
-    assert set(schema) == fields
-
-
-def test_schema_enums_match_what_the_quantize_stage_accepts():
-    from steps.quantize import SCHEMES
-    from steps.quantize.gguf import TYPES
-
-    quant = load(SCHEMA)["$defs"]["quant_method"]["properties"]
-    assert set(quant["scheme"]["enum"]) == {*SCHEMES, "none"}  # none: passed through by the workflow
-    assert set(quant["type"]["enum"]) == set(TYPES)
-
-
-def test_schema_enums_match_what_the_recover_stage_accepts():
-    from steps.recover import METHODS, OBJECTIVES
-    from steps.recover.adapters import QLORA_BITS
-
-    recover = load(SCHEMA)["$defs"]["recover"]["properties"]
-    assert recover["method"]["enum"] == list(METHODS)
-    assert recover["objective"]["enum"] == list(OBJECTIVES)
-    assert set(recover["bits"]["enum"]) == set(QLORA_BITS)
+    cls = getattr(importlib.import_module(module), name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defs = load(SCHEMA)["$defs"]
+    schema = defs[definition]["properties"]
+    assert set(schema) == set(fields), (f"only in the schema: {sorted(set(schema) - set(fields))}; "
+                                        f"only in {name}: {sorted(set(fields) - set(schema))}")
+    assert set(NESTED.values()) <= set(SETTINGS) and {k for d, k in NESTED if d == definition} <= set(fields)
+    problems = []
+    for key, field in fields.items():
+        python, accepted = hint_form(hints[key]), schema_form(schema[key])
+        for kind, values in SCHEMA_ONLY.get((definition, key), {}).items():
+            assert values <= accepted[kind], f"{key}: the exception {values} is no longer in the schema"
+            accepted[kind] = accepted[kind] - values
+        if (definition, key) in NESTED:  # parsed by the stage with the $def's dataclass
+            if python != {"object": None}:
+                problems.append(f"{key}: a nested settings section is annotated `dict`, not {hints[key]}")
+            python = {"$ref": NESTED[definition, key]}
+        if python != accepted:
+            problems.append(f"{key}: {name} accepts {show(python)}, the schema {show(accepted)}")
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        for error in jsonschema.Draft202012Validator({"$defs": defs, **schema[key]}).iter_errors(default):
+            problems.append(f"{key}: the default {default!r} fails the schema: {error.message}")
+    assert not problems, "\n".join(problems)
