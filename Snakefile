@@ -14,6 +14,9 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config/config.yaml"  # found from any --directory
 
 
+include: "rules/config.smk"  # a model alias a later --configfile defines anew replaces the earlier one
+
+
 validate(config, "config/schema.yaml")
 
 

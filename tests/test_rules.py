@@ -259,3 +259,20 @@ def test_summary_reads_results_already_built_but_never_rebuilds_them(workdir):
     finally:
         foreign.unlink()
         (workdir / "results" / "notes.eval").unlink()
+
+
+def test_a_later_config_file_replaces_an_alias_it_defines_anew(workdir, tmp_path):
+    """A student given by `path:` over the demo's scratch student is that local model (no base_model job, no
+    mix of both entries); an entry without a source key still merges into the alias."""
+    student = tmp_path / "student"
+    student.mkdir()
+    override = tmp_path / "local-student.yaml"
+    override.write_text(f"models:\n  student: {{path: {student}}}\n  teacher: {{seed: 7}}\n")
+    result = snakemake(workdir, "-n", "-p", "models/default/teacher_student/distilled", configs=(str(override),))
+    planned = job_blocks(result)
+    assert [job["wildcards"] for job in planned if job["rule"] == "base_model"] == ["alias=teacher"]
+    (distill,) = [job for job in planned if job["rule"] == "distill"]
+    assert str(student) in distill["input"].split(", ")
+    (command,) = [line for line in result.stdout.splitlines() if " -m steps.base " in line]
+    spec = json.loads(command.split("--spec '")[1].split("'")[0])
+    assert spec["seed"] == 7 and "scratch" in spec  # merged into the demo's teacher
