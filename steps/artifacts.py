@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import sys
@@ -53,20 +55,92 @@ def settings_from(cls, raw: dict | str):
     return cls(**values)
 
 
+# What to do when the OS refuses a write, by errno: the one line a full disk or a read-only output becomes.
+WRITE_FIXES = {
+    errno.ENOSPC: "free space there or point the workflow elsewhere",
+    errno.EDQUOT: "free space within your quota or point the workflow elsewhere",
+    errno.EFBIG: "a file size limit (ulimit -f, or the file system's) stops it: lift it or point the workflow elsewhere",
+    errno.EROFS: "point the workflow at a writable directory",
+    errno.EACCES: "make the directory writable for you or point the workflow elsewhere",
+    errno.EPERM: "make the directory writable for you or point the workflow elsewhere",
+    errno.ENOTDIR: "a file stands where a directory of the path should be: move it or point the workflow elsewhere",
+}
+
+
+def _os_error(err: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path or None) of the OS error behind `err`: an OSError itself or in its cause/context chain
+    (torch.save wraps it in a RuntimeError), or one that native code names in its message
+    (safetensors, tokenizers: "... (os error 28)")."""
+    seen = set()
+    while err is not None and id(err) not in seen and not isinstance(err, SystemExit):
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno, err.filename
+        match = re.search(r"\(os error (\d+)\)", str(err))
+        if match:
+            return int(match[1]), None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+ONLY_WRITES_FAIL_SO = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # no read gets these
+
+
+def write_error(err: BaseException, target: str | Path | None = None,
+                within: str | Path | None = None) -> StageError | None:
+    """The one-line StageError for an OS refusal to write `target` (no space, read-only, no permission...),
+    or None when `err` is something else. With `within`, an error naming a path outside it (an input
+    being read) is not a write error. Without `target` (a whole stage), only the errors no read can get
+    count, and the line names the file when the error does."""
+    found = _os_error(err)
+    if found is None or found[0] not in (WRITE_FIXES if target else ONLY_WRITES_FAIL_SO):
+        return None
+    code, path = found
+    path = Path(os.fsdecode(path)) if path else None
+    if path and within and not path.resolve().is_relative_to(Path(within).resolve()):
+        return None
+    if target is None:
+        what = str(path) if path else "the stage's files (--out, --checkpoints, --metrics)"
+        return StageError(f"cannot write {what}: {os.strerror(code)}; {WRITE_FIXES[code]}")
+    target = Path(target)
+    shown = (target, target.with_name(f".{target.name}.partial"))  # the output or its hidden partial: named already
+    where = f" ({path})" if path and path not in shown else ""
+    return StageError(f"cannot write {target}{where}: {os.strerror(code)}; {WRITE_FIXES[code]}")
+
+
+@contextlib.contextmanager
+def refused_writes(target: str | Path | None = None, within: str | Path | None = None):
+    """Turn an OS refusal to write (see `write_error`) in the block into its one-line StageError. Around a
+    stage's whole run (its CLI entry, no `target`) it covers what atomic_dir does not: checkpoints, metrics."""
+    try:
+        yield
+    except Exception as err:
+        error = write_error(err, target, within)
+        if error is None:
+            raise
+        raise error from None
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temporary directory that becomes `final` only if the block succeeds."""
+    """Yield a temporary directory that becomes `final` only if the block succeeds.
+
+    The OS refusing a write (full disk, read-only or unwritable directory) is a one-line StageError
+    naming `final`, and nothing of the attempt is left behind."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with refused_writes(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
-        yield tmp
+        with refused_writes(final, within=tmp):
+            yield tmp
+        with refused_writes(final):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -100,8 +174,10 @@ def fingerprint(path: str | Path) -> str:
 
 
 def run_key(settings, *inputs: str | Path, more_settings=()) -> str:
-    """Identity of a training run: its settings and its inputs' fingerprints (names resumable checkpoints)."""
-    payload = [*(dataclasses.asdict(s) for s in (settings, *more_settings)), *(fingerprint(p) for p in inputs)]
+    """Identity of a training run: its settings (dataclasses or dicts) and its inputs' fingerprints
+    (names resumable checkpoints)."""
+    payload = [*(s if isinstance(s, dict) else dataclasses.asdict(s) for s in (settings, *more_settings)),
+               *(fingerprint(p) for p in inputs)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
