@@ -10,6 +10,8 @@
   tokenizer directory and, with `pretrain:`, trained with plain next-token
   cross-entropy on the train split (the demo's teacher); `--metrics` then gets
   one JSON line per step, and `eval_every` adds the val split's perplexity.
+  With `--checkpoints DIR` and `pretrain.checkpoint_every`, a killed run rerun
+  with the same spec and inputs resumes from its last checkpoint.
 
 `path:` entries need no materialising: the rules read them where they are.
 """
@@ -21,9 +23,10 @@ import json
 import logging
 import time
 
-from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, atomic_dir, refused_writes, run_key, settings_from, setup_logging,
+                             write_manifest)
 from steps.models import build_scratch, load_gguf, load_model, load_tokenizer, pick_device, save_model
-from steps.training import LoopSettings, next_token_loss, train
+from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
 log = logging.getLogger("steps")
 
@@ -51,7 +54,8 @@ def from_hub(spec: dict):
     return model, tokenizer
 
 
-def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None, metrics: str | None = None):
+def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None, metrics: str | None = None,
+                 checkpoints: str | None = None):
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_scratch(spec["scratch"], tokenizer, seed=spec.get("seed", 0))
     if spec.get("pretrain"):
@@ -62,14 +66,17 @@ def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None, metrics: 
         model.to(pick_device())
         settings = settings_from(LoopSettings, spec["pretrain"])
         val = load_split(data_dir, "val") if settings.eval_every > 0 else None
-        train(model, load_split(data_dir, "train"), next_token_loss, settings, val_blocks=val, metrics_path=metrics)
+        key = run_key(spec, tokenizer_dir, data_dir)  # the whole spec: architecture and seed too
+        train(model, load_split(data_dir, "train"), next_token_loss, settings, checkpoints, key, val_blocks=val,
+              metrics_path=metrics)
         model.to("cpu")
     return model, tokenizer
 
 
 def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | None = None,
-        metrics: str | None = None) -> None:
-    """`metrics`: the per-step JSONL of pre-training; nothing is written there when nothing trains."""
+        metrics: str | None = None, checkpoints: str | None = None) -> None:
+    """`metrics`: the per-step JSONL of pre-training; nothing is written there when nothing trains.
+    `checkpoints`: pre-training's resumable checkpoint directory, removed once the model is written."""
     started = time.time()
     if "hub" in spec:
         model, tokenizer = from_hub(spec)
@@ -80,13 +87,14 @@ def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | 
     elif "scratch" in spec:
         if not tokenizer_dir:
             raise StageError("scratch model needs a tokenizer directory (--tokenizer)")
-        model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir, metrics)
+        model, tokenizer = from_scratch(spec, tokenizer_dir, data_dir, metrics, checkpoints)
         inputs = {"tokenizer": tokenizer_dir, **({"data": data_dir} if data_dir else {})}
     else:
         raise StageError(f"model spec {spec} has nothing to materialise; give hub:, gguf: or scratch:")
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
         write_manifest(tmp, "base", spec, inputs, started, params=model.num_parameters())
+    drop_checkpoint(checkpoints)
 
 
 def main(argv=None) -> None:
@@ -96,9 +104,11 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (scratch models)")
     parser.add_argument("--data", help="prepared data directory (scratch models with pretrain:)")
     parser.add_argument("--metrics", help="JSONL of per-step training metrics (scratch models with pretrain:)")
+    parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out (scratch models with pretrain:)")
     args = parser.parse_args(argv)
     setup_logging()
-    run(json.loads(args.spec), args.out, args.tokenizer, args.data, args.metrics)
+    with refused_writes():  # a full disk while writing checkpoints or metrics: one line too
+        run(json.loads(args.spec), args.out, args.tokenizer, args.data, args.metrics, args.checkpoints)
 
 
 if __name__ == "__main__":
