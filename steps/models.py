@@ -33,7 +33,12 @@ GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # GGUF sources the later sta
 ADAPTER_DIR = "adapter"  # a peft adapter inside a model directory (steps.recover writes it)
 
 
+LOAD_FIX = "point it at a directory with config.json and *.safetensors weights (pickled weights are refused)"
+
+
 def load_tokenizer(source: str | Path, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
+    if (local := _local_path(source)) is not None and not local.is_dir():
+        raise StageError(f"cannot load the tokenizer of {source}: no such directory; {LOAD_FIX}")
     if "gguf_file" not in kwargs and (gguf := _lone_gguf(source)):  # a GGUF file carries its vocabulary
         kwargs["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(
@@ -50,7 +55,7 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
-    fix: str = "point it at a directory with config.json and *.safetensors weights (pickled weights are refused)",
+    fix: str = LOAD_FIX,
     adapter: bool = True,
     **kwargs,
 ):
@@ -63,6 +68,8 @@ def load_model(
         kwargs.update(_gptq_cpu_kernel(source))
     if "gguf_file" not in kwargs and (gguf := _lone_gguf(source)):
         kwargs["gguf_file"] = gguf
+    if "gguf_file" not in kwargs:
+        check_weights(source, fix)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source),
@@ -80,10 +87,7 @@ def load_model(
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise StageError(
-            f"model {source!s} ships its own modelling code, which runs only on opt-in; "
-            "set `trust_remote_code: true` on its `models:` entry if you trust that code"
-        ) from None
+        raise remote_code_error(source) from None
     if device is not None:
         model.to(device)
     generic_4bit_kernel(model, only_unpackable=True)
@@ -92,6 +96,50 @@ def load_model(
 
         model = PeftModel.from_pretrained(model, str(Path(source) / ADAPTER_DIR), is_trainable=False)
     return model
+
+
+def remote_code_error(source: str | Path) -> StageError:
+    return StageError(
+        f"model {source!s} ships its own modelling code, which runs only on opt-in; "
+        "set `trust_remote_code: true` on its `models:` entry if you trust that code"
+    )
+
+
+def _local_path(source: str | Path) -> Path | None:
+    """`source` as a local path when it is one: a Path, something that exists, or a string no hub id looks
+    like (absolute, ./ or ../, more than one /); None for what from_pretrained may look up on the hub."""
+    text = str(source)
+    if isinstance(source, Path) or Path(text).exists() or Path(text).is_absolute() or text.startswith(("./", "../")) \
+            or text.count("/") > 1:
+        return Path(text)
+    return None
+
+
+def check_weights(source: str | Path, fix: str = LOAD_FIX) -> None:
+    """A local model directory, before any weight is read: it exists, holds *.safetensors weights (pickled .bin
+    weights are refused: unpickling can run code) and each of those opens, its header intact and the file as
+    long as the header says (a truncated or damaged file otherwise fails mid-load as a safetensors traceback).
+    Hub ids are left to `from_pretrained`."""
+    path = _local_path(source)
+    if path is None:
+        return
+    if not path.is_dir():
+        raise StageError(f"cannot load model {source!s}: no such directory; {fix}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise StageError(f"cannot load model {source!s}: no *.safetensors weights found (pickled .bin weights are refused); {fix}")
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError for a bad header or a short file, OSError for an unreadable one
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            raise StageError(
+                f"cannot load model {source!s}: {file.name} is not a readable safetensors file ({reason}), "
+                "truncated or damaged; copy or download it again, or delete the directory so its stage rebuilds it"
+            ) from None
 
 
 def generic_4bit_kernel(model, only_unpackable: bool = False) -> None:
