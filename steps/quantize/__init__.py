@@ -43,7 +43,7 @@ from typing import Literal, get_args
 import torch
 
 from steps.artifacts import StageError, atomic_dir, write_manifest
-from steps.models import ADAPTER_DIR, load_model, load_tokenizer, pick_device, unmerged_adapter
+from steps.models import ADAPTER_DIR, check_weights, load_model, load_tokenizer, pick_device, unmerged_adapter
 from steps.quantize import bnb, gguf, gptq, smoothquant
 
 log = logging.getLogger("steps")
@@ -163,7 +163,9 @@ def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | No
         return
     # Checks that need no weights first: a bad group size or architecture fails in a second.
     layers, params = gptq.quantized_linears(model_dir)
+    check_weights(model_dir)  # GPTQModel reads the files itself: pickles, a damaged file are refused here
     if settings.scheme in GPTQ_SCHEMES:
+        gptq.check_no_remote_code(model_dir)
         gptq.check_group_size(layers, settings)
     if settings.scheme == "w8a8":
         smoothquant.check_architecture(model_dir)

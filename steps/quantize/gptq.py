@@ -9,6 +9,7 @@ does not import with transformers 5). lm_head stays in full precision.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -28,10 +29,16 @@ def quantized_linears(model_dir: str) -> tuple[list[tuple[str, int, int]], int]:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from steps.models import remote_code_error
+
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never the interactive prompt
     except OSError as err:  # no such directory, or no config.json in it
         raise StageError(f"cannot quantize {model_dir}: {str(err).strip().splitlines()[0]}; point --model at a model directory") from None
+    except ValueError as err:  # a model type of its own, whose code only runs on opt-in
+        if "trust_remote_code" not in str(err):
+            raise
+        raise remote_code_error(model_dir) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
@@ -41,6 +48,17 @@ def quantized_linears(model_dir: str) -> tuple[list[tuple[str, int, int]], int]:
         if isinstance(m, torch.nn.Linear) and m is not head  # lm_head stays in full precision
     ]
     return layers, model.num_parameters()
+
+
+def check_no_remote_code(model_dir: str) -> None:
+    """GPTQModel imports the modelling code a config.json's `auto_map` names whatever trust_remote_code says
+    (gptqmodel 7.6, even for a model type transformers knows): such a directory never reaches it."""
+    config = Path(model_dir) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("auto_map"):
+        raise StageError(
+            f"model {model_dir} ships its own modelling code (`auto_map` in its config.json), which GPTQModel would "
+            "run without asking; gptq and rtn refuse it: quantize this model with a bnb, dtype or w8a8 method"
+        )
 
 
 def check_group_size(layers: list[tuple[str, int, int]], settings: QuantizeSettings) -> None:
