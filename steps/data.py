@@ -363,12 +363,13 @@ def prepare(raw: str, tokenizer_dir: str, out: str, settings: PrepareSettings) -
         raise StageError(f"raw dataset {raw} does not exist; run `python -m steps.data fetch` (the fetch_data rule) first")
     data = datasets.load_from_disk(raw)
     check_fields(data.column_names, settings, raw)
+    splits = split_indices(len(data), settings)  # too few records: refused before the tokenizer loads
     from steps.models import load_tokenizer  # imports torch: after the cheap checks
 
     tokenizer = load_tokenizer(tokenizer_dir)
     stats = {"records": len(data), "block_size": settings.block_size, "splits": {}}
     with atomic_dir(out) as tmp:
-        for split, indices in split_indices(len(data), settings).items():
+        for split, indices in splits.items():
             ids, labels, empty = tokenize_records(data.select(indices), tokenizer, settings)
             blocks = pack(ids, labels, settings.block_size)
             if not blocks["input_ids"]:
@@ -397,10 +398,16 @@ def prepare(raw: str, tokenizer_dir: str, out: str, settings: PrepareSettings) -
 
 
 def load_split(data_dir: str | Path, split: str):
-    """A prepared split as a torch-formatted dataset of blocks."""
+    """A prepared split as a torch-formatted dataset of blocks; a missing one is a one-line error."""
     import datasets
 
-    return datasets.load_from_disk(str(Path(data_dir) / split)).with_format("torch")
+    path = Path(data_dir) / split
+    if not (path / "dataset_info.json").is_file():
+        raise StageError(
+            f"prepared data {data_dir} has no {split} split (no {path}); point --data at a directory "
+            "`python -m steps.data prepare` wrote (the prepare_data rule)"
+        )
+    return datasets.load_from_disk(str(path)).with_format("torch")
 
 
 def main(argv=None) -> None:
