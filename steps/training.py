@@ -169,6 +169,12 @@ def _stop_if_not_finite(value: torch.Tensor, what: str, step: int, settings: Loo
         value = value.full_tensor()
     if torch.isfinite(value).item():
         return
+    if step == 1:  # no update has happened yet: the learning rate cannot be the cause
+        raise StageError(
+            f"step 1: {what} is {value.item()} before any update, so not because of the learning rate: the model "
+            "(or, distilling, the teacher) gives non-finite outputs; check its weights for inf/nan and rebuild it, "
+            "or set bf16: false if it is on"
+        )
     saved = _checkpoint_step(checkpoint, key)
     kept = (f"the last good checkpoint {checkpoint} (step {saved}) is kept and a rerun resumes from it"
             if saved is not None else "no checkpoint of this run to resume from: a rerun starts over")
@@ -205,6 +211,13 @@ def train(
     feeds the perplexity of `eval_every`; `metrics_path` gets one JSON line per step (main rank).
     Returns the logged history."""
     device = next(model.parameters()).device
+    broken = next((name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()),
+                  None)
+    if broken is not None:
+        raise StageError(
+            f"the model to train holds inf/nan weights ({broken}) before any step, which no training setting fixes; "
+            "rebuild it (delete its directory so the stage that wrote it runs again) or start from another model"
+        )
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
