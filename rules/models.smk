@@ -33,10 +33,11 @@ rule base_model:
         # pre-training's per-step numbers (scratch + pretrain:); a param, not a log: Snakemake deletes a job's
         # logs before it reruns, and a resumed run appends to the rows it wrote before it was killed
         metrics="logs/base_model/{alias}.metrics.jsonl",
+        checkpoints="cache/checkpoints/base/{alias}",  # a killed pre-training resumes from its last checkpoint
     resources:
         **rule_resources("base_model"),
     log:
         "logs/base_model/{alias}.log",
     shell:
         "{params.launch} steps.base --spec {params.spec:q} {params.args} --metrics {params.metrics}"
-        " --out {output} > {log} 2>&1"
+        " --checkpoints {params.checkpoints} --out {output} > {log} 2>&1"

@@ -240,6 +240,8 @@ def test_every_training_rule_writes_metrics_next_to_its_log(workdir):
         (command,) = [c for c in commands if f" -m steps.{module} " in c and f"logs/{log}.log" in c]
         assert f" --metrics logs/{log}.metrics.jsonl " in command
         assert command.endswith(f" > logs/{log}.log 2>&1")
+        stage = log.partition("/")[0].replace("_model", "")  # each resumes from its own checkpoint directory
+        assert re.search(rf" --checkpoints cache/checkpoints/(base/teacher|default/teacher_student/{stage}) ", command)
 
 
 def test_summary_reads_results_already_built_but_never_rebuilds_them(workdir):
