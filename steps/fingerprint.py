@@ -11,6 +11,7 @@ Snakefile can import it without pulling in torch.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -25,10 +26,20 @@ def _files(name: str) -> list[Path]:
     return [PACKAGE_DIR / f"{name}.py"]
 
 
-def _local_imports(path: Path) -> set[str]:
-    """Names of `steps` modules that the file at `path` imports (a package's own submodules are part of it)."""
+def _statements(body: list[ast.stmt]):
+    """Every statement, nested ones included (imports are statements: expressions need no visit)."""
+    for node in body:
+        yield node
+        for block in ("body", "orelse", "finalbody", "handlers"):
+            yield from _statements(getattr(node, block, []))
+
+
+@functools.cache
+def _imported_names(source: str) -> frozenset[str]:
+    """Names that `source` may import from `steps` (parsed once per text: every rule's closure reads the same
+    files, and parsing them was most of a no-op run's own time)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _statements(ast.parse(source).body):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("steps.")}
         elif isinstance(node, ast.ImportFrom):
@@ -39,6 +50,12 @@ def _local_imports(path: Path) -> set[str]:
                 names.add(module.split(".")[1])
             elif node.level == 1:
                 names.add(module.split(".")[0])
+    return frozenset(names)
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Names of `steps` modules that the file at `path` imports (a package's own submodules are part of it)."""
+    names = _imported_names(path.read_text())
     return {n for n in names if (PACKAGE_DIR / f"{n}.py").exists() or (PACKAGE_DIR / n).is_dir()}
 
 
