@@ -21,4 +21,5 @@ def redefined_aliases(files):
     return {alias: models[alias] for alias in redefined}
 
 
-config["models"].update(redefined_aliases([f"{workflow.basedir}/config/config.yaml", *workflow.overwrite_configfiles]))
+if workflow.overwrite_configfiles:  # only a second file can redefine an alias
+    config["models"].update(redefined_aliases([f"{workflow.basedir}/config/config.yaml", *workflow.overwrite_configfiles]))

