@@ -43,6 +43,7 @@ wildcard_constraints:
 # compute nodes often lack, and gathering a few JSON files into a report is not worth a queue slot.
 localrules:
     fetch_data,
+    malformed_target,
     report,
     report_recipe,
     summary,
@@ -138,6 +139,8 @@ def tokenizer_dir(alias):
 def base_dir(alias):
     spec = model_spec(alias)
     if "path" in spec:
+        if not os.path.isdir(spec["path"]):
+            raise ValueError(f"model alias {alias!r}: its path {spec['path']} is not a directory (fix its `path:`)")
         return spec["path"]
     if "from" in spec:  # a derived alias: another chain's stage output (chain distillation)
         teacher, _, student = spec["from"].partition("_")
@@ -341,6 +344,13 @@ def report_args(wildcards, input):
 
 
 TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
+
+
+def malformed_target(wildcards):
+    raise ValueError(
+        f"results/{wildcards.name}.eval is not a target: name it results/[{{recipe}}/]{{teacher}}_{{student}}_{{quant}}.eval "
+        "(aliases, recipes and quant methods of letters, digits, `.` and `-`; `_` separates the fields)"
+    )
 
 
 def built_results():

@@ -99,3 +99,14 @@ rule summary:
     shell:
         "python -m steps.compare {input} {params.others} --csv {output.csv} --html {output.table} --plot {output.plot}"
         " > {log} 2>&1"
+
+
+# Any other name under results/ ending in .eval: one line naming the target grammar (without this rule,
+# Snakemake's "No rule to produce" would leave the user guessing). It never runs: its input function refuses.
+rule malformed_target:
+    input:
+        malformed_target,
+    output:
+        "results/{name}.eval",
+    wildcard_constraints:
+        name=rf"(?!(?:{NAME}/)?{NAME}_{NAME}_{NAME}\.eval$).+",  # a grammatical name fails in report, naming its field
