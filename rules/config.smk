@@ -1,7 +1,8 @@
-# Config files merge key by key (Snakemake's --configfile), except a model alias that a later file defines
-# anew: an entry naming its source (`path:`, `hub:`, `scratch:`, ...) replaces the earlier one, so
-# `models: {student: {path: ...}}` over the demo's scratch student is a local student, not a mix of both.
-# An entry without a source key (`dtype: bfloat16`) still merges into the alias it names.
+# Config files merge key by key (Snakemake's --configfile), except a model alias that a later file gives
+# another source: an entry naming a source key (`path:`, `hub:`, `scratch:`, ...) that the earlier entry does
+# not have replaces it, so `models: {student: {path: ...}}` over the demo's scratch student is a local
+# student, not a mix of both. An entry with the same source (`scratch:` over `scratch:`, as tests/config/tiny.yaml
+# shrinks the demo's models) or none (`dtype: bfloat16`) still merges into the alias it names.
 
 from snakemake.common.configfile import load_configfile
 from snakemake.utils import update_config
@@ -14,7 +15,7 @@ def redefined_aliases(files):
     models, redefined = {}, set()
     for path in files:
         for alias, entry in ((load_configfile(path) or {}).get("models") or {}).items():
-            if alias in models and any(key in entry for key in MODEL_SOURCES):
+            if alias in models and {key for key in MODEL_SOURCES if key in entry} - set(models[alias]):
                 models[alias], redefined = dict(entry), redefined | {alias}
             else:
                 update_config(models.setdefault(alias, {}), entry)

@@ -265,7 +265,7 @@ def test_summary_reads_results_already_built_but_never_rebuilds_them(workdir):
 
 def test_a_later_config_file_replaces_an_alias_it_defines_anew(workdir, tmp_path):
     """A student given by `path:` over the demo's scratch student is that local model (no base_model job, no
-    mix of both entries); an entry without a source key still merges into the alias."""
+    mix of both entries); an entry with the same source, or none, still merges into the alias."""
     student = tmp_path / "student"
     student.mkdir()
     override = tmp_path / "local-student.yaml"
@@ -278,3 +278,10 @@ def test_a_later_config_file_replaces_an_alias_it_defines_anew(workdir, tmp_path
     (command,) = [line for line in result.stdout.splitlines() if " -m steps.base " in line]
     spec = json.loads(command.split("--spec '")[1].split("'")[0])
     assert spec["seed"] == 7 and "scratch" in spec  # merged into the demo's teacher
+
+    # the same source merges key by key, as tests/config/tiny.yaml shrinks the demo's scratch models
+    override.write_text("models:\n  student: {scratch: {hidden_size: 96}}\n")
+    result = snakemake(workdir, "-n", "-p", "models/base/student", configs=(str(override),))
+    (command,) = [line for line in result.stdout.splitlines() if " -m steps.base " in line]
+    spec = json.loads(command.split("--spec '")[1].split("'")[0])
+    assert spec["scratch"]["hidden_size"] == 96 and spec["scratch"]["num_hidden_layers"] == 2 and spec["seed"] == 1
