@@ -292,12 +292,15 @@ def recover_inputs(wildcards):
     return {**inputs, "logits": logits} if logits else inputs
 
 
-def kd_args(wildcards, input):
-    """--teacher/--logits/--kd of recover's kd objective; empty for `objective: lm`."""
-    kd = recover_kd(wildcards.recipe)
-    if kd is None:
-        return ""
-    return f"--teacher {input.teacher} {cache_args(wildcards, input)} --kd {shlex.quote(as_json(kd))}"
+def kd_settings(wildcards):
+    """Param: recover's --kd JSON (`{}` for `objective: lm`). Apart from the paths in `kd_inputs`: Snakemake
+    never compares a param function that reads `input` or `output`, so a settings change would not rerun."""
+    return as_json(recover_kd(wildcards.recipe) or {})
+
+
+def kd_inputs(wildcards, input):
+    """--teacher/--logits of recover's kd objective; empty for `objective: lm`."""
+    return f"--teacher {input.teacher} {cache_args(wildcards, input)}" if "teacher" in input.keys() else ""
 
 
 def upstream(stage):
@@ -370,19 +373,31 @@ def built_results():
 
 def settings_for(name):
     """Param function: the recipe-merged settings of a section, as JSON for the step's --settings. A path of
-    a stage that another recipe's directory holds is refused here, where every chain rule passes."""
+    a stage that another recipe's directory holds is refused here, where every chain rule passes.
 
-    def settings(wildcards, output):
+    It reads only `wildcards`: Snakemake does not compare a param function that takes `input` or `output`
+    with the one recorded (it counts it as derived from paths), so a changed setting would rerun nothing."""
+
+    def settings(wildcards):
         values = section(wildcards.recipe, name)
         if name == "quantize":
             values = quant_method(wildcards.recipe, wildcards.quant)
             stage = f"quant/{wildcards.quant}"
         else:
             stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
-        check_owner(wildcards.recipe, stage, output[0], evaluated=name == "evaluate")
+        evaluated = name == "evaluate"
+        check_owner(wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
         return as_json(values)
 
     return settings
+
+
+def job_path(wildcards, stage, evaluated):
+    """The output of a chain rule's job (a model directory, or its evaluation), rebuilt from its wildcards."""
+    if stage == "base":
+        return f"evals/{wildcards.recipe}/base/{wildcards.data}/{wildcards.alias}.json"
+    chain = f"{wildcards.recipe}/{wildcards.teacher}_{wildcards.student}/{stage}"
+    return f"evals/{chain}.json" if evaluated else f"models/{chain}"
 
 
 def model_spec_json(wildcards):

@@ -8,7 +8,8 @@ rule recover:
         directory("models/{recipe}/{teacher}_{student}/recovered"),
     params:
         settings=settings_for("recover"),
-        kd=kd_args,
+        teacher=kd_inputs,
+        kd=kd_settings,
         checkpoints="cache/checkpoints/{recipe}/{teacher}_{student}/recover",
         metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("recover"),
@@ -18,6 +19,6 @@ rule recover:
     log:
         "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:
-        "{params.launch} steps.recover --model {input.model} --data {input.data} {params.kd}"
+        "{params.launch} steps.recover --model {input.model} --data {input.data} {params.teacher} --kd {params.kd:q}"
         " --checkpoints {params.checkpoints} --metrics {params.metrics}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -97,6 +97,18 @@ def test_lora_rank_change_reruns_only_recover_and_downstream(built, tmp_path):
     assert jobs == {"recover": 1, "quantize": 1, "evaluate": 2, "report": 1}
 
 
+@pytest.mark.parametrize("override,expected", [
+    ("prune: {ratios: {intermediate_size: 0.5}}", {"prune": 1, "recover": 1, "quantize": 1, "evaluate": 3}),
+    ("quantize: {methods: {int8: {damp_percent: 0.1}}}", {"quantize": 1, "evaluate": 1}),
+    ("evaluate: {stride: 16}", {"evaluate": 4, "evaluate_base": 2}),
+])
+def test_each_stage_setting_reruns_its_stage_and_downstream(built, tmp_path, override, expected):
+    """Every chain rule's settings are a param Snakemake compares (one that reads `output` it would not)."""
+    config = tmp_path / "override.yaml"
+    config.write_text(override + "\n")
+    assert planned_jobs(snakemake(built, "-n", TARGET, extra_config=str(config))) == {**expected, "report": 1}
+
+
 def test_a_student_setting_reuses_the_teacher_logit_cache_and_a_new_k_rebuilds_it(built, tmp_path):
     student = tmp_path / "kd.yaml"
     student.write_text("distill: {kd_weight: 0.9, train: {lr: 1.0e-3}}\n")
@@ -119,12 +131,11 @@ def test_editing_a_step_reruns_that_stage_and_downstream(built):
         prune.write_text(original)
 
 
-def test_recipe_shares_nothing_it_should_not(built):
+def test_a_recipe_rebuilds_only_what_its_settings_change(built):
     jobs = planned_jobs(snakemake(built, "-n", "results/lora16/teacher_student_int8.eval"))
-    # a recipe gets its own chain directory; base models and data are shared
-    assert "base_model" not in jobs and "prepare_data" not in jobs and "teacher_logits" not in jobs
-    assert "evaluate_base" not in jobs  # the teacher and student were evaluated for the default recipe already
-    assert jobs["distill"] == 1 and jobs["recover"] == 1 and jobs["report_recipe"] == 1
+    # lora16 changes only `recover:`: data, base models, the logit cache, the distilled and pruned models and
+    # every evaluation of those are the default recipe's
+    assert jobs == {"recover": 1, "quantize": 1, "evaluate": 2, "report_recipe": 1}
 
 
 def test_html_report_carries_the_chain_page_plot_and_summary(built, tmp_path):
