@@ -17,7 +17,8 @@ configfile: f"{workflow.basedir}/config/config.yaml"  # found from any --directo
 include: "rules/config.smk"  # a model alias a later --configfile defines anew replaces the earlier one
 
 
-validate(config, "config/schema.yaml")
+with schema_as_json("config/schema.yaml") as schema:
+    validate(config, schema)
 
 
 include: "rules/common.smk"
