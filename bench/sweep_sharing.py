@@ -6,10 +6,11 @@
    one workflow directory whose data, base models, logit cache and base evaluations are already built:
    once as the workflow plans it (recipes share every stage up to where their settings differ), once with
    each recipe given its own `distill.train.log_every` (a setting that changes no weight) so that no two
-   recipes agree on any stage, the plan before sharing existed. Jobs and wall time, side by side.
+   recipes agree on any stage, the plan before sharing existed. Jobs, wall time and CPU time (user + system
+   of every process the run started: steadier than wall time on a shared machine), side by side.
 2. A no-op rerun of the whole default DAG (`--forceall` counts its jobs) against bare Snakemake on a trivial
    workflow of as many `touch` jobs, alternated `--repeats` times (medians).
-3. `snakemake -n` for a 100-target sweep (10 ranks x 10 ratios) against the same for one target.
+3. `snakemake -n` for a 100-target sweep (10 ranks x 10 ratios) against the same for one target (medians).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,16 +52,22 @@ def targets(recipes) -> list[str]:
     return [f"results/{PAIR}_int8.eval", *(f"results/{name}/{PAIR}_int8.eval" for name in recipes)]
 
 
-def snakemake(workdir: Path, *args: str, configs=()) -> tuple[float, str]:
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def snakemake(workdir: Path, *args: str, configs=()) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds of Snakemake and its jobs, and the output of one run."""
     cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2"]
     if configs:
         cmd += ["--configfile", *configs]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # rules call `python`
-    start = time.monotonic()
+    start, cpu = time.monotonic(), children_cpu_s()
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"`{' '.join(cmd)}` in {workdir} failed:\n{(result.stdout + result.stderr)[-3000:]}")
-    return time.monotonic() - start, result.stdout + result.stderr
+    return time.monotonic() - start, children_cpu_s() - cpu, result.stdout + result.stderr
 
 
 def job_counts(log: str) -> dict[str, int]:
@@ -85,10 +93,10 @@ def sweep(tmp: Path, config: str) -> dict:
     (template / "sweep.yaml").write_text(yaml.safe_dump({"recipes": sweep_recipes(inert=False)}))
     prefix = ["models/base/teacher", "models/base/student",
               *(f"evals/default/base/teacher/{alias}.json" for alias in ("teacher", "student"))]
-    _, log = snakemake(template, *prefix, configs=configs)
+    snakemake(template, *prefix, configs=configs)
     cache = yaml.safe_load((REPO / config).read_text()).get("distill", {}).get("logit_cache", {})
     if cache.get("top_k"):  # the teacher's logits, too: both sweeps read the same cache
-        _, log = snakemake(template, "-n", f"models/default/{PAIR}/distilled", configs=configs)
+        *_, log = snakemake(template, "-n", f"models/default/{PAIR}/distilled", configs=configs)
         cache_dirs = re.findall(r"^    output: (cache/logits/\S+)$", log, re.M)
         snakemake(template, *cache_dirs, configs=configs)
     runs = {}
@@ -97,9 +105,9 @@ def sweep(tmp: Path, config: str) -> dict:
         shutil.copytree(template, workdir, symlinks=True)
         recipes = sweep_recipes(inert)
         (workdir / "sweep.yaml").write_text(yaml.safe_dump({"recipes": recipes}))
-        wall, log = snakemake(workdir, *targets(recipes), configs=configs)
-        runs[name] = {"wall_s": round(wall, 1), "jobs": job_counts(log)}
-        print(f"{name}: {wall:.1f} s, {sum(runs[name]['jobs'].values())} jobs", flush=True)
+        wall, cpu, log = snakemake(workdir, *targets(recipes), configs=configs)
+        runs[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "jobs": job_counts(log)}
+        print(f"{name}: {wall:.1f} s, {cpu:.1f} CPU s, {sum(runs[name]['jobs'].values())} jobs", flush=True)
     return runs
 
 
@@ -108,7 +116,7 @@ def noop(tmp: Path, config: str, repeats: int) -> dict:
     workdir = tmp / "shared"
     configs = ["config/config.yaml", "chain.yaml"]
     target = f"results/{PAIR}_int8.eval"
-    _, log = snakemake(workdir, "-n", "--forceall", target, "reports/summary.html", configs=configs)
+    *_, log = snakemake(workdir, "-n", "--forceall", target, "reports/summary.html", configs=configs)
     n_jobs = sum(job_counts(log).values())
     trivial = tmp / "trivial"
     trivial.mkdir()
@@ -120,28 +128,32 @@ def noop(tmp: Path, config: str, repeats: int) -> dict:
     snakemake(workdir, target, "reports/summary.html", configs=configs)  # the summary, not built by the sweep
     times = {"workflow": [], "trivial": []}
     for _ in range(repeats):
-        wall, log = snakemake(workdir, target, "reports/summary.html", configs=configs)
+        wall, _, log = snakemake(workdir, target, "reports/summary.html", configs=configs)
         assert "Nothing to be done" in log, log[-2000:]
         times["workflow"].append(wall)
-        wall, log = snakemake(trivial)
+        wall, _, log = snakemake(trivial)
         assert "Nothing to be done" in log, log[-2000:]
         times["trivial"].append(wall)
     return {"jobs": n_jobs, **{k: [round(t, 3) for t in v] for k, v in times.items()},
             **{f"{k}_median_s": statistics.median(v) for k, v in times.items()}}
 
 
-def plan_100(tmp: Path) -> dict:
-    """`snakemake -n` for 100 recipe targets (10 ranks x 10 ratios) vs one target, in the built directory."""
+def plan_100(tmp: Path, repeats: int) -> dict:
+    """`snakemake -n` for 100 recipe targets (10 ranks x 10 ratios) vs one target, in the built directory,
+    alternated `repeats` times (medians)."""
     workdir = tmp / "shared"
     ranks, ratios = [2, 4, 6, 8, 12, 16, 24, 32, 48, 64], [0.1 * i for i in range(1, 10)] + [0.95]
     recipes = {f"r{r}-p{p:.2f}": {"recover": {"rank": r, "alpha": 2 * r}, "prune": {"ratios": {"intermediate_size": round(p, 2)}}}
                for r in ranks for p in ratios}
     (workdir / "sweep100.yaml").write_text(yaml.safe_dump({"recipes": recipes}))
     configs = ["config/config.yaml", "chain.yaml", "sweep100.yaml"]
-    one_s, _ = snakemake(workdir, "-n", f"results/{PAIR}_int8.eval", configs=configs)
-    hundred_s, log = snakemake(workdir, "-n", *targets(recipes)[1:], configs=configs)
-    return {"targets": len(recipes), "one_target_s": round(one_s, 2), "hundred_targets_s": round(hundred_s, 2),
-            "jobs": job_counts(log)}
+    one, hundred = [], []
+    for _ in range(repeats):
+        one.append(snakemake(workdir, "-n", f"results/{PAIR}_int8.eval", configs=configs)[0])
+        wall, _, log = snakemake(workdir, "-n", *targets(recipes)[1:], configs=configs)
+        hundred.append(wall)
+    return {"targets": len(recipes), "one_target_s": round(statistics.median(one), 2),
+            "hundred_targets_s": round(statistics.median(hundred), 2), "jobs": job_counts(log)}
 
 
 def main(argv=None) -> None:
@@ -152,19 +164,21 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         runs = sweep(Path(tmp), args.config)
         idle = noop(Path(tmp), args.config, args.repeats)
-        plan = plan_100(Path(tmp))
+        plan = plan_100(Path(tmp), args.repeats)
     model_jobs = ("distill", "prune", "recover", "quantize", "evaluate")
-    print(table([{"sweep": name, "wall_s": run["wall_s"], "jobs": sum(run["jobs"].values()),
+    print(table([{"sweep": name, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "jobs": sum(run["jobs"].values()),
                   **{rule: run["jobs"].get(rule, 0) for rule in model_jobs}} for name, run in runs.items()]))
     ratios = {
         "sweep_wall_unshared_over_shared": runs["unshared"]["wall_s"] / runs["shared"]["wall_s"],
+        "sweep_cpu_unshared_over_shared": runs["unshared"]["cpu_s"] / runs["shared"]["cpu_s"],
         "sweep_jobs_unshared_over_shared": sum(runs["unshared"]["jobs"].values()) / sum(runs["shared"]["jobs"].values()),
         "noop_workflow_over_trivial": idle["workflow_median_s"] / idle["trivial_median_s"],
         "plan_100_over_1_target": plan["hundred_targets_s"] / plan["one_target_s"],
     }
     print(f"no-op rerun, {idle['jobs']} jobs: workflow {idle['workflow_median_s']:.2f} s, "
           f"trivial {idle['trivial_median_s']:.2f} s (medians of {args.repeats})")
-    print(f"snakemake -n: 100 targets {plan['hundred_targets_s']:.2f} s, 1 target {plan['one_target_s']:.2f} s; "
+    print(f"snakemake -n: 100 targets {plan['hundred_targets_s']:.2f} s, 1 target {plan['one_target_s']:.2f} s "
+          f"(medians of {args.repeats}); "
           f"planned {plan['jobs']}")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
