@@ -3,6 +3,7 @@
 # not have replaces it, so `models: {student: {path: ...}}` over the demo's scratch student is a local
 # student, not a mix of both. An entry with the same source (`scratch:` over `scratch:`, as tests/config/tiny.yaml
 # shrinks the demo's models) or none (`dtype: bfloat16`) still merges into the alias it names.
+# Also here: the schema handed to Snakemake's validate, read fast.
 
 import contextlib
 import json
