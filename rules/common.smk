@@ -1,5 +1,5 @@
 # Helpers for the rules: target parsing, path functions, per-stage settings.
-# Plain Python over `config`; no torch here (a no-op `snakemake -n` stays fast).
+# Plain Python over the chains of rules/config.smk; no torch here (a no-op `snakemake -n` stays fast).
 
 import functools
 import glob
@@ -7,14 +7,14 @@ import json
 import os
 import re
 import shlex
-import sys
 
-sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
-from steps.data import FORMAT_FIELDS  # stdlib-only at import time, like steps.fingerprint
 from steps.fingerprint import code_fingerprint
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
 DEFAULT_RECIPE = "default"
+
+
+MODELS = {alias: CHAINS[chain]["models"][alias] for alias, chain in ALIAS_CHAIN.items()}  # every chain's
 
 
 def _one_of(names):
@@ -24,7 +24,7 @@ def _one_of(names):
 def pruned_aliases(pruned=True):
     """Aliases made by pruning another one (`prune_of:`), or the others: with these as the two rules'
     constraints, `models/base/{alias}` has one producer, prune_model or base_model."""
-    return _one_of(alias for alias, spec in config["models"].items() if ("prune_of" in spec) == pruned)
+    return _one_of(alias for alias, spec in MODELS.items() if ("prune_of" in spec) == pruned)
 
 
 wildcard_constraints:
@@ -32,10 +32,10 @@ wildcard_constraints:
     student=NAME,
     recipe=NAME,
     quant=NAME,
-    dataset=_one_of(config["datasets"]),
-    alias=_one_of(config["models"]),
+    dataset=_one_of(DATASET_CHAIN),
+    alias=_one_of(MODELS),
     stage=r"distilled|pruned|recovered|quant/" + NAME,
-    data=_one_of(config["models"]),
+    data=_one_of(MODELS),
     k=r"[1-9][0-9]*",
     dtype=r"float16|bfloat16",
 
@@ -54,23 +54,53 @@ def all_targets():
 
 
 def model_spec(alias):
-    if alias not in config["models"]:
+    if alias not in MODELS:
         raise ValueError(
-            f"unknown model alias {alias!r}; known: {', '.join(sorted(config['models']))} "
-            "(add it under `models:` in the config)"
+            f"unknown model alias {alias!r}; known: {', '.join(sorted(MODELS))} (add it under `models:` in the config)"
         )
-    return config["models"][alias]
+    return MODELS[alias]
 
 
-def recipe_overrides(recipe):
+# ---------------------------------------------------------------- chains (rules/config.smk)
+
+
+def chain_of(alias):
+    """The chain whose settings jobs on `alias` run with: the one that defines it."""
+    model_spec(alias)
+    return ALIAS_CHAIN[alias]
+
+
+def pair_chain(teacher, student):
+    """The chain of a teacher/student pair: one chain must define both."""
+    teacher_chain, student_chain = chain_of(teacher), chain_of(student)
+    if teacher_chain != student_chain:
+        raise ValueError(
+            f"{teacher}_{student} pairs aliases of two chains: {teacher!r} of {describe(teacher_chain)}, {student!r} of "
+            f"{describe(student_chain)}; a pair runs with one chain's settings: define both aliases in one chain"
+        )
+    return teacher_chain
+
+
+def job_chain(wildcards):
+    """The chain of a job, from its wildcards: its pair, its model alias, or (fetch_data) its dataset."""
+    names = wildcards.keys()
+    if "student" in names:
+        return pair_chain(wildcards.teacher, wildcards.student)
+    if "teacher" in names or "alias" in names:  # teacher_logits; a base model or its evaluation
+        return chain_of(wildcards.teacher if "teacher" in names else wildcards.alias)
+    return DATASET_CHAIN.get(getattr(wildcards, "dataset", None), TOP)
+
+
+def recipe_overrides(chain, recipe):
     if recipe == DEFAULT_RECIPE:
         return {}
-    if recipe not in config["recipes"]:
+    recipes = CHAINS[chain]["recipes"]
+    if recipe not in recipes:
+        where = "the config" if chain == TOP else describe(chain)
         raise ValueError(
-            f"unknown recipe {recipe!r}; known: {', '.join(sorted(config['recipes'])) or 'none'} "
-            "(add it under `recipes:` in the config)"
+            f"unknown recipe {recipe!r}; known: {', '.join(sorted(recipes)) or 'none'} (add it under `recipes:` in {where})"
         )
-    return config["recipes"][recipe]
+    return recipes[recipe]
 
 
 def deep_merge(base, override):
@@ -80,13 +110,18 @@ def deep_merge(base, override):
     return merged
 
 
-def section(recipe, name):
-    """A stage's settings: the config section with the recipe's overrides on top."""
-    return deep_merge(config[name], recipe_overrides(recipe).get(name, {}))
+def section(chain, recipe, name):
+    """A stage's settings: the chain's section with the recipe's overrides on top."""
+    return deep_merge(CHAINS[chain][name], recipe_overrides(chain, recipe).get(name, {}))
 
 
-def quant_method(recipe, quant):
-    methods = section(recipe, "quantize")["methods"]
+def dataset_of(alias):
+    """The dataset the chain of `alias` trains, prunes and evaluates on."""
+    return CHAINS[chain_of(alias)]["data"]["dataset"]
+
+
+def quant_method(chain, recipe, quant):
+    methods = section(chain, recipe, "quantize")["methods"]
     if quant not in methods:
         raise ValueError(f"unknown quant method {quant!r}; known: {', '.join(sorted(methods))} (see `quantize.methods`)")
     return methods[quant]
@@ -113,7 +148,7 @@ def data_dir(alias):
         return data_dir(model_spec(alias)["from"].partition("_")[2])
     if "prune_of" in model_spec(alias):
         return data_dir(prune_source(alias))
-    return f"data/{config['data']['dataset']}/{alias}"
+    return f"data/{dataset_of(alias)}/{alias}"
 
 
 def prune_source(alias):
@@ -159,31 +194,32 @@ STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  
 
 
 @functools.cache
-def stage_key(recipe, stage, evaluated=False):
+def stage_key(chain, recipe, stage, evaluated=False):
     """What makes `recipe`'s `stage` model (and, `evaluated`, its evaluation), as canonical JSON."""
     if stage.startswith("quant/"):
-        methods = section(recipe, "quantize")["methods"]
-        settings = {"upstream": stage_key(recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
+        methods = section(chain, recipe, "quantize")["methods"]
+        settings = {"upstream": stage_key(chain, recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
     elif stage == "base":  # a base model's evaluation: the same model in every recipe
         settings = {}
     else:
-        settings = {name: section(recipe, name) for name in CHAIN_SECTIONS[stage]}
+        settings = {name: section(chain, recipe, name) for name in CHAIN_SECTIONS[stage]}
     if evaluated:
-        settings["evaluate"] = section(recipe, "evaluate")
+        settings["evaluate"] = section(chain, recipe, "evaluate")
     return as_json(settings)
 
 
 @functools.cache
-def stage_owner(recipe, stage, evaluated=False):
+def stage_owner(chain, recipe, stage, evaluated=False):
     """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
-    key = stage_key(recipe, stage, evaluated)
-    return next(r for r in (DEFAULT_RECIPE, *sorted(config["recipes"])) if r == recipe or stage_key(r, stage, evaluated) == key)
+    key = stage_key(chain, recipe, stage, evaluated)
+    recipes = (DEFAULT_RECIPE, *sorted(CHAINS[chain]["recipes"]))
+    return next(r for r in recipes if r == recipe or stage_key(chain, r, stage, evaluated) == key)
 
 
-def check_owner(recipe, stage, path, evaluated=False):
+def check_owner(chain, recipe, stage, path, evaluated=False):
     """An explicit path of a stage that another recipe's directory holds is refused, naming that directory
     (building it again would give the same model twice)."""
-    owner = stage_owner(recipe, stage, evaluated)
+    owner = stage_owner(chain, recipe, stage, evaluated)
     if owner != recipe:
         raise ValueError(
             f"{path} is not built: recipe {recipe!r} has the settings of {owner!r} up to this stage, so it reads "
@@ -192,32 +228,29 @@ def check_owner(recipe, stage, path, evaluated=False):
 
 
 def chain_dir(recipe, teacher, student, stage):
-    model_spec(teacher), model_spec(student), recipe_overrides(recipe)  # fail early on unknown names
-    return f"models/{stage_owner(recipe, stage)}/{teacher}_{student}/{stage}"
+    chain = pair_chain(teacher, student)
+    recipe_overrides(chain, recipe)  # fail early on an unknown recipe
+    return f"models/{stage_owner(chain, recipe, stage)}/{teacher}_{student}/{stage}"
 
 
-def eval_scope(recipe):
-    """Where a recipe's base-model evaluations live: shared by every recipe with the same `evaluate:` section."""
-    return stage_owner(recipe, "base", evaluated=True)
-
-
-def base_eval(recipe, alias, data):
+def base_eval(chain, recipe, alias, data):
     """The evaluation of base model `alias` on the chain data `data/{dataset}/{data}`: one file for every pair
-    and recipe that uses it, and one for a teacher that is also the student."""
-    return f"evals/{eval_scope(recipe)}/base/{data}/{alias}.json"
+    and recipe that uses it (the recipes with the same `evaluate:` section), and one for a teacher that is
+    also the student."""
+    return f"evals/{stage_owner(chain, recipe, 'base', evaluated=True)}/base/{data}/{alias}.json"
 
 
 def chain_evals(recipe, teacher, student, quant):
     """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
     itself: its evaluation, not a second one."""
-    data = data_dir(teacher).rpartition("/")[2]
-    quantized = "recovered" if quant_method(recipe, quant)["scheme"] == "none" else f"quant/{quant}"
+    chain, data = pair_chain(teacher, student), data_dir(teacher).rpartition("/")[2]
+    quantized = "recovered" if quant_method(chain, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
     stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
     return {
-        "teacher": base_eval(recipe, teacher, data),
-        "student": base_eval(recipe, student, data),
+        "teacher": base_eval(chain, recipe, teacher, data),
+        "student": base_eval(chain, recipe, student, data),
         **{
-            name: f"evals/{stage_owner(recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
+            name: f"evals/{stage_owner(chain, recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
             for name, stage in stages.items()
         },
     }
@@ -250,16 +283,16 @@ def base_args(wildcards, input):
 
 def tokenizer_raw(wildcards):
     spec = model_spec(wildcards.alias)["tokenizer"]
-    return raw_dir(spec.get("dataset", config["data"]["dataset"]))
+    return raw_dir(spec.get("dataset", dataset_of(wildcards.alias)))
 
 
-def logit_cache_dir(recipe, teacher):
+def logit_cache_dir(chain, recipe, teacher):
     """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
     teacher, dataset, k and dtype only: every student and recipe with those shares one cache."""
-    cache = section(recipe, "distill").get("logit_cache", {})
+    cache = section(chain, recipe, "distill").get("logit_cache", {})
     if not cache.get("top_k"):
         return None
-    return f"cache/logits/{teacher}/{config['data']['dataset']}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
+    return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
 
 
 def distill_inputs(wildcards):
@@ -268,34 +301,35 @@ def distill_inputs(wildcards):
         "student": base_dir(wildcards.student),
         "data": data_dir(wildcards.teacher),
     }
-    logits = logit_cache_dir(wildcards.recipe, wildcards.teacher)
+    logits = logit_cache_dir(job_chain(wildcards), wildcards.recipe, wildcards.teacher)
     return {**inputs, "logits": logits} if logits else inputs
 
 
 KD_LOSS_KEYS = ("loss", "temperature", "kd_weight", "jsd_beta", "logit_cache")  # what recover's kd objective takes
 
 
-def recover_kd(recipe):
+def recover_kd(chain, recipe):
     """The distill settings recover's `objective: kd` uses, or None for plain next-token recovery."""
-    if section(recipe, "recover").get("objective", "lm") != "kd":
+    if section(chain, recipe, "recover").get("objective", "lm") != "kd":
         return None
-    return {key: value for key, value in section(recipe, "distill").items() if key in KD_LOSS_KEYS}
+    return {key: value for key, value in section(chain, recipe, "distill").items() if key in KD_LOSS_KEYS}
 
 
 def recover_inputs(wildcards):
     """The pruned model and data; with `objective: kd` also the chain's teacher and its logit cache, if any."""
     inputs = {"model": upstream("pruned")(wildcards), "data": chain_data(wildcards)}
-    if recover_kd(wildcards.recipe) is None:
+    chain = job_chain(wildcards)
+    if recover_kd(chain, wildcards.recipe) is None:
         return inputs
     inputs["teacher"] = base_dir(wildcards.teacher)
-    logits = logit_cache_dir(wildcards.recipe, wildcards.teacher)
+    logits = logit_cache_dir(chain, wildcards.recipe, wildcards.teacher)
     return {**inputs, "logits": logits} if logits else inputs
 
 
 def kd_settings(wildcards):
     """Param: recover's --kd JSON (`{}` for `objective: lm`). Apart from the paths in `kd_inputs`: Snakemake
     never compares a param function that reads `input` or `output`, so a settings change would not rerun."""
-    return as_json(recover_kd(wildcards.recipe) or {})
+    return as_json(recover_kd(job_chain(wildcards), wildcards.recipe) or {})
 
 
 def kd_inputs(wildcards, input):
@@ -321,7 +355,7 @@ def eval_model(wildcards):
 
 
 def base_eval_inputs(wildcards):
-    return {"model": base_dir(wildcards.alias), "data": f"data/{config['data']['dataset']}/{wildcards.data}"}
+    return {"model": base_dir(wildcards.alias), "data": f"data/{dataset_of(wildcards.alias)}/{wildcards.data}"}
 
 
 def report_inputs(wildcards):
@@ -335,12 +369,12 @@ def cache_args(wildcards, input):
 
 def report_args(wildcards, input):
     """The chain's evaluations, its target, and the training logs whose curves the page draws (when present)."""
-    recipe = getattr(wildcards, "recipe", DEFAULT_RECIPE)
+    recipe, chain = getattr(wildcards, "recipe", DEFAULT_RECIPE), job_chain(wildcards)
     pair = f"{wildcards.teacher}_{wildcards.student}"
     args = [f"--eval {name}={path}" for name, path in input.items()]
     args.append(f"--target {recipe}/{wildcards.teacher}/{wildcards.student}/{wildcards.quant}")
     args += [
-        f"--curves {step}=logs/{step}/{stage_owner(recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
+        f"--curves {step}=logs/{step}/{stage_owner(chain, recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
         for step in ("distill", "recover")
     ]
     return " ".join(args)
@@ -379,14 +413,15 @@ def settings_for(name):
     with the one recorded (it counts it as derived from paths), so a changed setting would rerun nothing."""
 
     def settings(wildcards):
-        values = section(wildcards.recipe, name)
+        chain = job_chain(wildcards)
+        values = section(chain, wildcards.recipe, name)
         if name == "quantize":
-            values = quant_method(wildcards.recipe, wildcards.quant)
+            values = quant_method(chain, wildcards.recipe, wildcards.quant)
             stage = f"quant/{wildcards.quant}"
         else:
             stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
         evaluated = name == "evaluate"
-        check_owner(wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
+        check_owner(chain, wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
         return as_json(values)
 
     return settings
@@ -412,28 +447,29 @@ def alias_prune_settings(wildcards):
 
 def tokenizer_settings(wildcards):
     """The tokenizer learns the text `prepare` will tokenize: its dataset's format fields go with it."""
-    spec = model_spec(wildcards.alias)["tokenizer"]
-    dataset = spec.get("dataset", config["data"]["dataset"])
-    entry = config["datasets"].get(dataset, {})
+    spec, chain = model_spec(wildcards.alias)["tokenizer"], chain_of(wildcards.alias)
+    dataset = spec.get("dataset", dataset_of(wildcards.alias))
+    entry = CHAINS[chain]["datasets"].get(dataset, {})
     return as_json({"dataset": dataset, **spec, **{k: entry[k] for k in FORMAT_FIELDS if k in entry}})
 
 
 def local_source(wildcards):
     """A `path:` dataset is an input, so editing the local file fetches it again."""
-    spec = config["datasets"][wildcards.dataset]
+    spec = CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]
     return [spec["path"]] if "path" in spec else []
 
 
 def dataset_spec(wildcards):
-    """The source only: editing a dataset's format fields re-prepares, never re-fetches."""
-    spec = config["datasets"][wildcards.dataset]
-    return as_json({k: v for k, v in spec.items() if k not in FORMAT_FIELDS})
+    """The source only (every chain that defines the dataset agrees on it): editing a dataset's format fields
+    re-prepares, never re-fetches."""
+    return as_json(dataset_source(CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]))
 
 
 def prepare_settings(wildcards):
-    """Global preprocessing settings plus the dataset's own format fields."""
-    data = {k: v for k, v in config["data"].items() if k != "dataset"}
-    spec = config["datasets"][wildcards.dataset]
+    """The chain's preprocessing settings plus its dataset's own format fields."""
+    chain = chain_of(wildcards.alias)
+    data = {k: v for k, v in CHAINS[chain]["data"].items() if k != "dataset"}
+    spec = CHAINS[chain]["datasets"][wildcards.dataset]
     return as_json({**data, **{k: spec[k] for k in FORMAT_FIELDS if k in spec}})
 
 
@@ -445,16 +481,32 @@ def alias_tokenizer(wildcards):
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
 
 
-def rule_resources(rule):
-    """Resources of a rule from the config's `resources:` (its `default` entry, the entry of the rule it
+def chain_resources(chain, rule):
+    """Resources of a rule in a chain, from its `resources:` (its `default` entry, the entry of the rule it
     runs like, then the rule's own)."""
-    table = config["resources"]
+    table = CHAINS[chain]["resources"]
     return {**table.get("default", {}), **table.get(RESOURCES_LIKE.get(rule), {}), **table.get(rule, {})}
 
 
+def rule_resources(rule):
+    """The `resources:` of a rule: one function of the job's wildcards per resource any chain gives it, reading
+    the job's chain. A chain that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
+    names = {name for chain in CHAINS for name in chain_resources(chain, rule)}
+
+    def resource(name):
+        fallback = 1000 if name == "mem_mb" else None  # Snakemake refuses None for a sized resource
+        return lambda wildcards: chain_resources(job_chain(wildcards), rule).get(name, fallback)
+
+    return {name: resource(name) for name in sorted(names)}
+
+
 def launcher(rule, data_parallel=False):
-    """How a rule starts its step: with any GPU behind steps.gpus, which gives a local job devices
-    no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun."""
-    gpus = rule_resources(rule).get("gpu", 0)
-    launch = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
-    return f"python -m steps.gpus run --count {gpus} -- {launch}" if gpus else launch
+    """Param function: how a rule starts its step: with any GPU behind steps.gpus, which gives a local job
+    devices no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun."""
+
+    def launch(wildcards):
+        gpus = chain_resources(job_chain(wildcards), rule).get("gpu", 0)
+        command = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
+        return f"python -m steps.gpus run --count {gpus} -- {command}" if gpus else command
+
+    return launch
