@@ -31,14 +31,30 @@ def merged(*paths):
     return config
 
 
-@pytest.mark.parametrize("extra", [[], *[[p] for p in sorted((REPO / "tests" / "config").glob("*.yaml"))],
-                                   *[[p] for p in sorted((REPO / "config").glob("*.yaml")) if p.name not in ("config.yaml", "schema.yaml")]],
+def chain_files():
+    """The files config/config.yaml loads as chains."""
+    return [REPO / entry["configfile"] for entry in load(REPO / "config" / "config.yaml")["chains"].values()]
+
+
+@pytest.mark.parametrize("extra", [[], *[[p] for p in sorted((REPO / "tests" / "config").glob("*.yaml"))], *[[p] for p in chain_files()]],
                          ids=lambda e: e[0].name if e else "config.yaml")
-def test_shipped_configs_validate(extra):
-    config = merged(*extra)
-    validate(config, SCHEMA)
+def test_shipped_configs_validate(extra, tmp_path):
+    """The top level (config.yaml, with a test config merged over it) against the whole schema; a chain's file
+    alone against `settings`, as rules/config.smk loads it."""
+    if extra and extra[0] in chain_files():
+        config, schema = load(extra[0]), yaml.safe_load(Path(SCHEMA).read_text())
+        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(
+            {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": "#/$defs/settings", "unevaluatedProperties": False}))
+        validate(config, str(tmp_path / "settings.yaml"))
+    else:
+        config = merged(*extra)
+        validate(config, SCHEMA)
     # resources are looked up by rule name: a misspelt one (`distil:`) would silently give that rule nothing
     assert set(config["resources"]) <= RULES | {"default"}, f"not rules: {set(config['resources']) - RULES}"
+
+
+def test_every_yaml_under_config_is_the_schema_the_top_level_or_a_chain():
+    assert {p.name for p in (REPO / "config").glob("*.yaml")} == {"schema.yaml", "config.yaml", *(p.name for p in chain_files())}
 
 
 def test_defaults_are_filled_in():
@@ -221,3 +237,16 @@ def test_schema_and_settings_dataclass_agree_field_by_field(definition, settings
         for error in jsonschema.Draft202012Validator({"$defs": defs, **schema[key]}).iter_errors(default):
             problems.append(f"{key}: the default {default!r} fails the schema: {error.message}")
     assert not problems, "\n".join(problems)
+
+
+def test_a_typo_in_a_chain_stops_snakemake_in_one_line_naming_the_chain(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chains: {llama: {distill: {temprature: 2.0}}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         f"--configfile={bad}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert ("chain 'llama' (config/llama.yaml) is not valid: Additional properties are not allowed ('temprature' was "
+            "unexpected) (at ['distill'])\n") in result.stderr + result.stdout

@@ -1,7 +1,6 @@
-"""config/llama.yaml, the Llama-2 example: its dry runs plan the full chains and download nothing.
-
-Snakemake merges `--configfile config/llama.yaml` over config/config.yaml; these tests also pin what
-that merge must not do (let a demo setting into a Llama run).
+"""config/llama.yaml, the Llama-2 example: the chain `llama` of config/config.yaml. Its dry runs plan the full
+chains from a plain `snakemake TARGET` (no --configfile), with its own settings, and download nothing; the demo's
+plan does not change because the chain is there.
 """
 
 from __future__ import annotations
@@ -14,21 +13,28 @@ from pathlib import Path
 
 import yaml
 
+from conftest import copy_workflow
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = REPO / "config" / "llama.yaml"
-SETTING_SECTIONS = ("data", "distill", "prune", "recover", "evaluate", "resources")
 
 
-def dry_run(workdir: Path, *targets: str, extra: tuple[str, ...] = ()) -> str:
-    """`snakemake -n -p TARGETS --configfile config/llama.yaml`, offline, in an empty directory."""
-    workdir.mkdir(exist_ok=True)
+def snakemake(workdir: Path, *args: str, check: bool = True) -> str:
+    """`snakemake -n -p ARGS` in `workdir` (a copy of the workflow: no -s), offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf-home")}
-    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "-s", str(REPO / "Snakefile"), *targets, *extra,
-           "--configfile", str(LLAMA)]  # targets first: --configfile takes every word after it
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in workdir.iterdir()) == [".snakemake"], "a dry run writes no data, models or cache"
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", *args], cwd=workdir, capture_output=True,
+                            text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+def dry_run(workdir: Path, *args: str) -> str:
+    """A plan from a fresh copy of the repo, which writes no data, models or cache."""
+    copy_workflow(workdir)
+    text = snakemake(workdir, *args)
+    assert not {"data", "models", "cache", "results", "hf-home"} & {p.name for p in workdir.iterdir()}, "a dry run writes nothing"
+    return text
 
 
 def job_counts(text: str) -> dict[str, int]:
@@ -54,8 +60,9 @@ def outputs(planned: list[dict], rule: str) -> list[str]:
     return sorted(out for job in planned if job["rule"] == rule for out in job["output"])
 
 
-def test_7b_to_1b_plans_the_whole_chain(tmp_path):
-    text = dry_run(tmp_path / "run", "results/llama7b_1b_int8.eval")
+def test_the_design_cards_command_plans_the_llama_chain_with_its_settings(tmp_path):
+    """`snakemake --cores 8 results/llama7b_1b_int8.eval`, verbatim (as a dry run), from a fresh copy of the repo."""
+    text = dry_run(tmp_path / "run", "--cores", "8", "results/llama7b_1b_int8.eval")
     assert job_counts(text) == {"fetch_data": 1, "base_model": 2, "prepare_data": 1, "teacher_logits": 1, "distill": 1,
                                 "prune": 1, "recover": 1, "quantize": 1, "evaluate": 4, "evaluate_base": 2,
                                 "report": 1}
@@ -78,7 +85,12 @@ def test_7b_to_1b_plans_the_whole_chain(tmp_path):
     assert "template" not in shell["data/dolly/raw"], "format fields are not the download's params"
     assert '"block_size": 1024' in shell["data/dolly/llama7b"] and "### Response:" in shell["data/dolly/llama7b"]
     assert "--tokenizer models/base/llama7b" in shell["data/dolly/llama7b"]
-    assert '"loss": "reverse_kl"' in shell["models/default/llama7b_1b/distilled"]
+    distill = shell["models/default/llama7b_1b/distilled"]
+    assert '"loss": "reverse_kl"' in distill and '"lr": 2e-05' in distill and '"steps": 3000' in distill
+    assert '"bf16": true' in distill and '"block_size": 1024' in shell["data/dolly/llama7b"]
+    assert '"rank": 16' in shell["models/default/llama7b_1b/recovered"]
+    assert '"calibration_blocks": 256' in shell["models/default/llama7b_1b/quant/int8"]
+    assert '"context": 1024' in shell["evals/default/llama7b_1b/distilled.json"]
 
     resources = {job["output"][0]: job["resources"] for job in planned}
     assert "gpu=1" in resources["models/default/llama7b_1b/distilled"]
@@ -111,35 +123,56 @@ def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     assert outputs(planned, "quantize") == ["models/default/llama7b-d_1b/quant/int8"]  # 13b->7b is not quantized
 
 
-def test_bare_run_builds_the_llama_target_not_the_demo(tmp_path):
-    planned = jobs(dry_run(tmp_path / "run"))
-    assert outputs(planned, "report")[-1] == "results/llama7b_1b_int8.eval"
-    assert not any("teacher_student" in out or out.startswith("models/tokenizer") for job in planned
-                   for out in job["output"]), "no demo job"
+def test_a_bare_run_builds_the_demo_and_the_chains_name_builds_its_targets(tmp_path):
+    demo = jobs(dry_run(tmp_path / "run"))
+    assert outputs(demo, "report")[-1] == "results/teacher_student_int8.eval"
+    assert not any("llama" in out or "smollm2" in out for job in demo for out in job["output"]), "no chain job"
+    llama = jobs(snakemake(tmp_path / "run", "llama"))
+    assert [out for out in outputs(llama, "report") if out.endswith(".eval")] == yaml.safe_load(LLAMA.read_text())["targets"]
 
 
-def test_merging_over_the_demo_config_changes_nothing_in_the_plan(tmp_path):
-    merged = dry_run(tmp_path / "merged", "results/llama7b-d_1b_int8.eval", "results/prune40/llama7b_1b_nf4.eval")
-    replaced = dry_run(tmp_path / "replaced", "results/llama7b-d_1b_int8.eval", "results/prune40/llama7b_1b_nf4.eval",
-                       extra=("--replace-workflow-config",))
-    plan = lambda text: sorted(sorted(job.items()) for job in jobs(text))  # noqa: E731 -- job order varies per run
-    assert job_counts(merged) == job_counts(replaced) and plan(merged) == plan(replaced)
-    assert '"intermediate_size": 0.4' in merged  # the recipe's override reached its prune job
+def plan(text: str) -> list:
+    return sorted(sorted(job.items()) for job in jobs(text))  # job order varies per run
 
 
-def test_llama_settings_restate_every_demo_key():
-    """After the merge, each setting section is exactly llama.yaml's: no demo value fills a gap."""
-    from snakemake.utils import update_config
+def test_the_chains_change_nothing_in_the_demo_and_the_demo_nothing_in_them(tmp_path):
+    """The demo plans the same jobs with the same params with or without the chains; a demo setting changed
+    through a --configfile changes no Llama job, and a Llama setting changed under `chains:` no demo job."""
+    demo_targets = ("results/teacher_student_int8.eval", "results/lora16/teacher_student_nf4.eval")
+    with_chains = dry_run(tmp_path / "with", *demo_targets)
+    copy_workflow(tmp_path / "without")
+    config = tmp_path / "without" / "config" / "config.yaml"
+    config.write_text(re.sub(r"^chains:\n(  .*\n)+", "", config.read_text(), flags=re.M))
+    assert "\nchains:" not in config.read_text()
+    assert plan(with_chains) == plan(snakemake(tmp_path / "without", *demo_targets))
 
-    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    llama = yaml.safe_load(LLAMA.read_text())
-    merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    update_config(merged, llama)
-    for name in SETTING_SECTIONS:
-        assert merged[name] == llama[name], f"`{name}:` inherits demo keys; restate them in config/llama.yaml"
-    assert merged["quantize"]["methods"] == llama["quantize"]["methods"], "restate every demo quantize method"
-    assert merged["targets"] == llama["targets"]
-    assert set(demo["models"]) <= set(merged["models"]) and set(llama["models"]) <= set(merged["models"])
+    demo_setting, llama_setting = tmp_path / "demo.yaml", tmp_path / "llama.yaml"
+    demo_setting.write_text("distill: {train: {lr: 0.5}}\n")
+    llama_setting.write_text("chains: {llama: {recover: {rank: 4}}}\n")
+    llama_targets = ("results/llama7b-d_1b_int8.eval", "results/prune40/llama7b_1b_nf4.eval")
+    llama = dry_run(tmp_path / "llama", *llama_targets)
+    assert plan(llama) == plan(snakemake(tmp_path / "llama", *llama_targets, f"--configfile={demo_setting}"))
+    assert '"intermediate_size": 0.4' in llama  # the chain's recipe reached its prune job
+    assert plan(with_chains) == plan(snakemake(tmp_path / "with", *demo_targets, f"--configfile={llama_setting}"))
+    recovers = [job for job in jobs(snakemake(tmp_path / "llama", *llama_targets, f"--configfile={llama_setting}"))
+                if job["rule"] == "recover"]
+    assert len(recovers) == 3 and all('"rank": 4' in job["shell"] for job in recovers)
+
+
+def test_a_pair_across_two_chains_fails_before_any_job(tmp_path):
+    copy_workflow(tmp_path / "run")
+    text = snakemake(tmp_path / "run", "results/llama7b_student_int8.eval", check=False)
+    assert "llama7b_student pairs aliases of two chains: 'llama7b' of chain 'llama' (config/llama.yaml), 'student' of " \
+           "the top level of the config; a pair runs with one chain's settings: define both aliases in one chain" in text
+    assert "Job stats" not in text
+
+
+def test_a_chains_file_given_as_configfile_is_refused_in_one_line(tmp_path):
+    """The old way (`--configfile config/llama.yaml`) would define the Llama aliases twice."""
+    copy_workflow(tmp_path / "run")
+    text = snakemake(tmp_path / "run", "results/llama7b_1b_int8.eval", "--configfile=config/llama.yaml", check=False)
+    assert "model alias 'llama13b' is defined by the top level of the config and by chain 'llama' (config/llama.yaml)" in text
+    assert "Job stats" not in text
 
 
 def test_models_are_the_llama_family():
@@ -151,15 +184,3 @@ def test_models_are_the_llama_family():
     assert models["1b"]["hub"].startswith("TinyLlama/TinyLlama-1.1B")  # trained with Llama-2's 32000-token tokenizer
     assert models["llama7b-d"] == {"from": "llama13b_llama7b", "stage": "recovered"}
     assert not any(spec.get("trust_remote_code") for spec in models.values())
-
-
-def test_configfile_with_equals_keeps_the_target_after_it(tmp_path):
-    """`--configfile` takes every following word as a file; with `=` it takes one, so the target may follow."""
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"),
-                             f"--configfile={LLAMA}", "results/llama7b-d_1b_int8.eval"],
-                            cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert job_counts(result.stdout + result.stderr)["distill"] == 2
