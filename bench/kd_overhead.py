@@ -72,7 +72,7 @@ def hand_loop(student, teacher, blocks, loop: LoopSettings, vocab: int) -> list[
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default: the config's distill batch)")
     parser.add_argument("--repeats", type=int, default=2, help="ours/hand pairs, run in ABAB order")

@@ -140,7 +140,7 @@ def machine_load() -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--steps", type=int, help="optimizer steps per row (default: the config's distill steps)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default: the config's)")
     parser.add_argument("--eval-tokens", type=int, default=16384)

@@ -33,7 +33,7 @@ TARGETS = {"cached_over_live": 1.5, "cached_over_ce": 0.9}
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--steps", type=int, help="optimizer steps per student (default: the config's distill steps)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default: the config's)")
     parser.add_argument("--top-k", type=int, default=64, help="teacher log-probs kept per position")

@@ -99,7 +99,7 @@ def shape_label(shape: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--share", type=float, default=0.3, help="share of the decoder layers' parameters removed")
     parser.add_argument("--recover-steps", type=int, help="LoRA steps of every recovery (default: the config's)")
     parser.add_argument("--model", help="another unpruned model directory (default: the config's base teacher)")

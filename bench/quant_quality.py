@@ -30,13 +30,9 @@ from steps.quantize import QuantizeSettings, run as quantize
 
 
 def load_config(path: str) -> dict:
-    """config/config.yaml with `path` merged over it, as Snakemake's --configfile does."""
-    from snakemake.utils import update_config
-
-    config = yaml.safe_load(Path("config/config.yaml").read_text())
-    if path != "config/config.yaml":
-        update_config(config, yaml.safe_load(Path(path).read_text()))
-    return config
+    """The settings a chain runs with: config/config.yaml's top level (the demo), or a chain's own file
+    (config/smollm2.yaml) alone, never merged over the demo (rules/config.smk)."""
+    return yaml.safe_load(Path(path).read_text())
 
 
 def chain_paths(config: dict) -> tuple[str, str]:
@@ -74,7 +70,7 @@ def target_lines(methods: dict, ratios: dict) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--methods", help="comma-separated names from quantize.methods (default: all but none)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args(argv)

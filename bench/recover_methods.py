@@ -151,7 +151,7 @@ def recovered(name: str, c: dict, settings: dict, kd: dict, evaluation: dict, tm
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="merged over config/config.yaml")
+    parser.add_argument("--config", default="config/config.yaml", help="config/config.yaml, or a chain's file (config/smollm2.yaml)")
     parser.add_argument("--root", default=".", help="where the chain's models/ and data/ live")
     parser.add_argument("--steps", type=int, help="optimizer steps per row (default: the config's recover steps)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default: the config's recover batch size)")
