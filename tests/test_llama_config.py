@@ -159,22 +159,6 @@ def test_the_chains_change_nothing_in_the_demo_and_the_demo_nothing_in_them(tmp_
     assert len(recovers) == 3 and all('"rank": 4' in job["shell"] for job in recovers)
 
 
-def test_a_pair_across_two_chains_fails_before_any_job(tmp_path):
-    copy_workflow(tmp_path / "run")
-    text = snakemake(tmp_path / "run", "results/llama7b_student_int8.eval", check=False)
-    assert "llama7b_student pairs aliases of two chains: 'llama7b' of chain 'llama' (config/llama.yaml), 'student' of " \
-           "the top level of the config; a pair runs with one chain's settings: define both aliases in one chain" in text
-    assert "Job stats" not in text
-
-
-def test_a_chains_file_given_as_configfile_is_refused_in_one_line(tmp_path):
-    """The old way (`--configfile config/llama.yaml`) would define the Llama aliases twice."""
-    copy_workflow(tmp_path / "run")
-    text = snakemake(tmp_path / "run", "results/llama7b_1b_int8.eval", "--configfile=config/llama.yaml", check=False)
-    assert "model alias 'llama13b' is defined by the top level of the config and by chain 'llama' (config/llama.yaml)" in text
-    assert "Job stats" not in text
-
-
 def test_models_are_the_llama_family():
     """The family only: their shared vocabulary cannot be read offline (no tokenizer files without the hub);
     steps.distill checks it before training (tests/test_distill.py), and the plans above tokenize once per teacher."""
