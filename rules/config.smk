@@ -81,22 +81,21 @@ def describe(chain):
     return f"chain {chain!r} ({path})" if path else f"chain {chain!r}"
 
 
-def load_chain(name):
+def load_chain(name, schema):
     """A chain's settings: its file, the other keys of its `chains:` entry merged over it, validated alone
-    (the schema fills its gaps with defaults)."""
+    against `schema` (the settings $def, which fills its gaps with defaults)."""
     overrides = dict(config["chains"][name])
     path = overrides.pop("configfile", None)
     if path and not os.path.isfile(f"{workflow.basedir}/{path}"):
         raise ValueError(f"{describe(name)}: no such file in {workflow.basedir} (fix `chains: {{{name}: {{configfile: ...}}}}`)")
     settings = read_yaml(f"{workflow.basedir}/{path}") if path else {}
     merge_over(settings, overrides)
-    with schema_as_json("config/schema.yaml", root="settings") as schema:
-        try:
-            validate(settings, schema)
-        except WorkflowError as error:  # its jsonschema error, in one line
-            cause = error.__context__  # Snakemake raises it while handling jsonschema's ValidationError
-            at = "".join(f"[{key!r}]" for key in cause.absolute_path)
-            raise ValueError(f"{describe(name)} is not valid: {cause.message} (at {at or 'its top level'})") from None
+    try:
+        validate(settings, schema)
+    except WorkflowError as error:  # its jsonschema error, in one line
+        cause = error.__context__  # Snakemake raises it while handling jsonschema's ValidationError
+        at = "".join(f"[{key!r}]" for key in cause.absolute_path)
+        raise ValueError(f"{describe(name)} is not valid: {cause.message} (at {at or 'its top level'})") from None
     return settings
 
 
@@ -131,7 +130,7 @@ def chain_registry(chains):
     return alias_chain, dataset_chain
 
 
-with schema_as_json("config/schema.yaml") as schema:
+with schema_as_json("config/schema.yaml") as schema, schema_as_json("config/schema.yaml", "settings") as settings_schema:
     validate(config, schema)
-CHAINS = {TOP: config, **{name: load_chain(name) for name in sorted(config["chains"])}}
+    CHAINS = {TOP: config, **{name: load_chain(name, settings_schema) for name in sorted(config["chains"])}}
 ALIAS_CHAIN, DATASET_CHAIN = chain_registry(CHAINS)
