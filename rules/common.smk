@@ -453,16 +453,20 @@ def tokenizer_settings(wildcards):
     return as_json({"dataset": dataset, **spec, **{k: entry[k] for k in FORMAT_FIELDS if k in entry}})
 
 
+def fetched_dataset(wildcards):
+    """fetch_data's dataset entry, from the first chain that defines it (every such chain agrees on its source)."""
+    return CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]
+
+
 def local_source(wildcards):
     """A `path:` dataset is an input, so editing the local file fetches it again."""
-    spec = CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]
+    spec = fetched_dataset(wildcards)
     return [spec["path"]] if "path" in spec else []
 
 
 def dataset_spec(wildcards):
-    """The source only (every chain that defines the dataset agrees on it): editing a dataset's format fields
-    re-prepares, never re-fetches."""
-    return as_json(dataset_source(CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]))
+    """The source only: editing a dataset's format fields re-prepares, never re-fetches."""
+    return as_json(dataset_source(fetched_dataset(wildcards)))
 
 
 def prepare_settings(wildcards):

@@ -60,13 +60,9 @@ def read_yaml(path):
 
 
 @contextlib.contextmanager
-def schema_as_json(path, root=None):
-    """`path`'s YAML schema, read with libyaml, as a JSON file for Snakemake's validate (which reads JSON first):
-    its pure-Python YAML parser took 0.2 s of every run, half of what a no-op run spends in this workflow.
-    `root` names a $def to validate against instead of the whole schema."""
-    schema = read_yaml(f"{workflow.basedir}/{path}")
-    if root:
-        schema = {key: schema[key] for key in ("$schema", "$defs")} | {"$ref": f"#/$defs/{root}", "unevaluatedProperties": False}
+def schema_as_json(schema):
+    """A schema read with libyaml, as a JSON file for Snakemake's validate (which reads JSON first): its
+    pure-Python YAML parser took 0.2 s of every run, half of what a no-op run spends in this workflow."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="schema-") as copy:
         json.dump(schema, copy)
         copy.flush()
@@ -130,7 +126,9 @@ def chain_registry(chains):
     return alias_chain, dataset_chain
 
 
-with schema_as_json("config/schema.yaml") as schema, schema_as_json("config/schema.yaml", "settings") as settings_schema:
+SCHEMA = read_yaml(f"{workflow.basedir}/config/schema.yaml")
+SETTINGS_SCHEMA = {key: SCHEMA[key] for key in ("$schema", "$defs")} | {"$ref": "#/$defs/settings", "unevaluatedProperties": False}
+with schema_as_json(SCHEMA) as schema, schema_as_json(SETTINGS_SCHEMA) as settings_schema:  # a chain: `settings` alone
     validate(config, schema)
     CHAINS = {TOP: config, **{name: load_chain(name, settings_schema) for name in sorted(config["chains"])}}
 ALIAS_CHAIN, DATASET_CHAIN = chain_registry(CHAINS)
