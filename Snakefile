@@ -19,6 +19,7 @@ include: "rules/config.smk"  # validates the config, loads its chains (config/ll
 
 
 include: "rules/common.smk"
+include: "rules/resources.smk"  # per chain and pair; launchers; the memory plan
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/distill.smk"

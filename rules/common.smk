@@ -479,38 +479,3 @@ def prepare_settings(wildcards):
 
 def alias_tokenizer(wildcards):
     return tokenizer_dir(wildcards.alias)
-
-
-# The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
-RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
-
-
-def chain_resources(chain, rule):
-    """Resources of a rule in a chain, from its `resources:` (its `default` entry, the entry of the rule it
-    runs like, then the rule's own)."""
-    table = CHAINS[chain]["resources"]
-    return {**table.get("default", {}), **table.get(RESOURCES_LIKE.get(rule), {}), **table.get(rule, {})}
-
-
-def rule_resources(rule):
-    """The `resources:` of a rule: one function of the job's wildcards per resource any chain gives it, reading
-    the job's chain. A chain that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
-    names = {name for chain in CHAINS for name in chain_resources(chain, rule)}
-
-    def resource(name):
-        fallback = 1000 if name == "mem_mb" else None  # Snakemake refuses None for a sized resource
-        return lambda wildcards: chain_resources(job_chain(wildcards), rule).get(name, fallback)
-
-    return {name: resource(name) for name in sorted(names)}
-
-
-def launcher(rule, data_parallel=False):
-    """Param function: how a rule starts its step: with any GPU behind steps.gpus, which gives a local job
-    devices no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun."""
-
-    def launch(wildcards):
-        gpus = chain_resources(job_chain(wildcards), rule).get("gpu", 0)
-        command = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
-        return f"python -m steps.gpus run --count {gpus} -- {command}" if gpus else command
-
-    return launch

@@ -77,3 +77,42 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- across nodes, under SLURM
+# A job of several launchers runs `srun --ntasks N python -m steps.distributed slurm-torchrun --nproc-per-node G
+# -m steps.<stage> ARGS` (rules/resources.smk): each srun task execs one torchrun, and the N torchruns meet at a
+# c10d rendezvous on the first host of the job step, which assigns the ranks: N x G processes in all.
+
+
+def slurm_torchrun_args(nproc_per_node: int, environ=os.environ, first_host=None) -> list[str]:
+    """torchrun's options for this srun task, from the variables srun sets in it."""
+    tasks, job = int(environ["SLURM_NTASKS"]), environ["SLURM_JOB_ID"]
+    host = first_host(environ["SLURM_STEP_NODELIST"]) if first_host else _first_host(environ["SLURM_STEP_NODELIST"])
+    port = 20000 + int(job) % 10000  # below the ephemeral range; two jobs sharing a first node get two ports
+    return ["--nnodes", str(tasks), "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{host}:{port}", "--rdzv-id", job]
+
+
+def _first_host(nodelist: str) -> str:
+    import subprocess
+
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Start this srun task's torchrun for a job across nodes")
+    parser.add_argument("command", choices=["slurm-torchrun"])
+    parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="-m steps.<stage> ARGS")
+    args = parser.parse_args(argv)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *slurm_torchrun_args(args.nproc_per_node), *args.rest]
+    os.execv(sys.executable, torchrun)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+# Resources of each job, how a rule launches its step (one process, torchrun, or srun x torchrun across
+# nodes), and the memory plan checked before anything is submitted.
+#
+# A chain's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
+# own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
+
+from snakemake.logging import logger
+
+# The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
+RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
+GPU_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
+MiB = 2**20
+
+
+def pair_of(wildcards):
+    return f"{wildcards.teacher}_{wildcards.student}" if "student" in wildcards.keys() else None
+
+
+def chain_resources(chain, rule, pair=None):
+    """A rule's entry in a chain: its `default`, the entry of the rule it runs like, the rule's own, then the
+    same three of the pair's `pairs:` entry."""
+    table = CHAINS[chain]["resources"]
+    layers = [table, table.get("pairs", {}).get(pair, {})]
+    return {k: v for layer in layers for name in ("default", RESOURCES_LIKE.get(rule), rule) for k, v in layer.get(name, {}).items()}
+
+
+def job_resources(wildcards, rule):
+    return chain_resources(job_chain(wildcards), rule, pair_of(wildcards))
+
+
+def launchers(entry):
+    """torchrun launchers of a job: `tasks`, else one per node."""
+    return entry.get("tasks", entry.get("nodes", 1))
+
+
+def snakemake_resources(entry):
+    """An entry as Snakemake resources. A job of several launchers is an `mpi` job to the SLURM plugin: its
+    batch script runs the rule's shell command as it is (no `srun -n1` around it), whose own srun starts the
+    launchers; its GPUs are asked per node (gres), not as a total, and not one task per GPU."""
+    resources = {k: v for k, v in entry.items() if k not in GPU_ONLY}
+    if launchers(entry) > 1:
+        gpus = resources.pop("gpu", 0)
+        resources.update(tasks=launchers(entry), mpi="srun", tasks_per_gpu=0, **({"gres": f"gpu:{gpus}"} if gpus else {}))
+    return resources
+
+
+def rule_resources(rule):
+    """The `resources:` of a rule: one function of the job's wildcards per resource any chain or pair gives it,
+    reading the job's own. A job that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
+    entries = [chain_resources(chain, rule, pair) for chain in CHAINS for pair in (None, *CHAINS[chain]["resources"].get("pairs", {}))]
+    names = {name for entry in entries for name in snakemake_resources(entry)}
+
+    def resource(name):
+        fallback = 1000 if name == "mem_mb" else None  # Snakemake refuses None for a sized resource
+        return lambda wildcards: snakemake_resources(job_resources(wildcards, rule)).get(name, fallback)
+
+    return {name: resource(name) for name in sorted(names)}
+
+
+def on_cluster():
+    """Whether jobs run under SLURM (submitted from here, or this is one), or nothing runs (a dry run)."""
+    name = getattr(workflow.executor_plugin, "name", "")
+    return workflow.dryrun or name.startswith("slurm") or "SLURM_JOB_ID" in os.environ
+
+
+def launcher(rule, data_parallel=False):
+    """Param function: how a rule starts its step: with any GPU behind steps.gpus, which gives a local job
+    devices no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun, and
+    with several launchers (nodes) through srun, one torchrun per node meeting at a c10d rendezvous
+    (steps/distributed.py). Training and quantization jobs are checked against the memory plan first."""
+
+    def launch(wildcards):
+        entry = job_resources(wildcards, rule)
+        gpus, tasks = entry.get("gpu", 0), launchers(entry)
+        if rule in PLANNED:
+            memory_plan(rule, wildcards, entry)
+        if tasks > 1:
+            if not data_parallel:
+                raise ValueError(f"resources of {rule} ask for {tasks} nodes or tasks, but {rule} runs one process: "
+                                 f"give it nodes: 1 (only distill and recover train across nodes)")
+            if not on_cluster():
+                raise ValueError(f"{rule} {job_label(wildcards)} asks for {tasks} nodes or tasks (resources `nodes`/`tasks`), "
+                                 "which a local run cannot give: submit it with --profile profiles/slurm, or give it "
+                                 "nodes: 1 for this machine")
+            return (f"srun --ntasks {tasks} --kill-on-bad-exit=1 python -m steps.distributed slurm-torchrun "
+                    f"--nproc-per-node {max(gpus, 1)} -m")
+        command = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
+        return f"python -m steps.gpus run --count {gpus} -- {command}" if gpus else command
+
+    return launch
+
+
+def job_label(wildcards):
+    names = wildcards.keys()
+    pair = pair_of(wildcards) or getattr(wildcards, "alias", "") or getattr(wildcards, "teacher", "")
+    recipe = f" ({wildcards.recipe})" if "recipe" in names and wildcards.recipe != DEFAULT_RECIPE else ""
+    return pair + (f" {wildcards.quant}" if "quant" in names else "") + recipe
+
+
+# ---------------------------------------------------------------- memory plan (steps/memory.py)
+
+PLANNED = ("distill", "recover", "quantize")
+PLAN_READS = {"recover": "pruned", "quantize": "recovered"}  # the chain model a job reads: once built, its config.json
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as source:
+        return json.load(source)
+
+
+def architecture_of(alias):
+    """The config.json numbers of a model alias, or None where they are not known before it runs: the model's
+    config.json when it is on disk (built, local, or in the hub cache), else its `architecture:`, a scratch
+    model's settings, or (pruned and derived aliases) their source's, an upper bound."""
+    spec = model_spec(alias)
+    if "from" in spec:
+        built = os.path.join(base_dir(alias), "config.json")
+        return read_json(built) if os.path.isfile(built) else architecture_of(spec["from"].partition("_")[2])
+    if "prune_of" in spec:
+        return architecture_of(prune_source(alias))
+    for config in (os.path.join(base_dir(alias), "config.json"), hub_cached_config(spec)):
+        if config and os.path.isfile(config):
+            return read_json(config)
+    if "scratch" in spec:
+        from steps.tokenizer import TokenizerSettings
+        from transformers import LlamaConfig  # its defaults fill what the scratch settings leave out
+
+        vocab = model_spec(spec["tokenizer"]["from"]) if "from" in spec["tokenizer"] else spec
+        vocab_size = vocab["tokenizer"].get("vocab_size", TokenizerSettings.vocab_size)
+        return {**LlamaConfig(**spec["scratch"]).to_dict(), "vocab_size": vocab_size}
+    return spec.get("architecture")
+
+
+def hub_cached_config(spec):
+    if "hub" not in spec:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec["hub"], "config.json", revision=spec.get("revision"))
+    return found if isinstance(found, str) else None
+
+
+def train_settings(chain, recipe, name):
+    from steps.artifacts import settings_from
+    from steps.training import LoopSettings
+
+    return settings_from(LoopSettings, section(chain, recipe, name).get("train", {}))
+
+
+def job_estimate(rule, wildcards, entry):
+    """steps.memory's estimate of a job's peak per rank, and where it runs ("GPU" or "process"); None when
+    a model's architecture is not known before it runs."""
+    from steps import memory
+
+    chain, recipe = job_chain(wildcards), wildcards.recipe
+    upstream = rule in PLAN_READS and os.path.join(chain_dir(recipe, wildcards.teacher, wildcards.student, PLAN_READS[rule]), "config.json")
+    config = read_json(upstream) if upstream and os.path.isfile(upstream) else architecture_of(wildcards.student)
+    if config is None:
+        return None
+    student, block = memory.Architecture.from_config(config), CHAINS[chain]["data"].get("block_size", 128)
+    if rule == "quantize":
+        method = quant_method(chain, recipe, wildcards.quant)
+        if method["scheme"] in ("gptq", "w8a8"):
+            return memory.quantization(student, calibration_blocks=method.get("calibration_blocks", 128), block_size=block)
+        return memory.Estimate({"weights": student.params() * memory.FLOAT32})
+    loop = train_settings(chain, recipe, rule)
+    live = logit_cache_dir(chain, recipe, wildcards.teacher) is None
+    teacher = architecture_of(wildcards.teacher) if rule == "distill" or recover_kd(chain, recipe) else None
+    if rule == "distill" and section(chain, recipe, "distill").get("kd_weight", 1.0) == 0:
+        teacher = None
+    if teacher is not None and not live:
+        teacher = None  # its logits come from the cache: the teacher is not loaded
+    trainable = None
+    if rule == "recover":
+        settings = section(chain, recipe, "recover")
+        method = settings.get("method", "lora")
+        if method in ("lora", "qlora"):
+            trainable = memory.lora_params(student, settings.get("rank", 8), settings.get("target_modules", "all-linear"))
+        elif method == "freeze":
+            trainable = settings.get("trainable_layers", 5) * student.layer_params()
+        else:
+            trainable = 0
+    ranks = launchers(entry) * max(entry.get("gpu", 0), 1)
+    return memory.training(
+        student, batch_size=loop.batch_size, block_size=block, bf16=loop.bf16, checkpointing=loop.gradient_checkpointing,
+        ranks=ranks, fsdp=loop.parallel == "fsdp", trainable=trainable,
+        teacher=teacher and memory.Architecture.from_config(teacher), live_teacher_logits=live,
+    )
+
+
+@functools.cache
+def planned(rule, label, line):
+    logger.info(line)
+
+
+def memory_plan(rule, wildcards, entry):
+    """Print the job's line of the plan; a job whose estimate exceeds its resources is a one-line error."""
+    estimate = job_estimate(rule, wildcards, entry)
+    label = f"{rule} {job_label(wildcards)}"
+    gpus, tasks = entry.get("gpu", 0), launchers(entry)
+    layout = f"{tasks} nodes x {gpus} GPUs" if tasks > 1 else (f"{gpus} GPUs" if gpus > 1 else ("1 GPU" if gpus else "CPU"))
+    if estimate is None:
+        return planned(rule, label, f"memory plan: {label}: not estimated (no architecture: of its models before they are downloaded)")
+    per = "GPU" if gpus else "process"
+    capacity_mb = entry.get("gpu_mem_mb") if gpus else entry.get("mem_mb")
+    capacity = f"of {capacity_mb * MiB / 1e9:.2f} GB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"
+    planned(rule, label, f"memory plan: {label} on {layout}: {estimate.describe()} per {per} {capacity}")
+    if capacity_mb and estimate.total > capacity_mb * MiB:
+        raise ValueError(
+            f"memory plan: {label} needs about {estimate.total / 1e9:.1f} GB per {per} but its resources give "
+            f"{capacity_mb * MiB / 1e9:.1f} GB ({layout}); {memory_fix(rule, wildcards, entry)}"
+        )
+
+
+def memory_fix(rule, wildcards, entry):
+    chain, pair = job_chain(wildcards), pair_of(wildcards)
+    where = f"resources.pairs.{pair}.{rule}"
+    if rule == "quantize":
+        return f"give it more memory ({where}: gpu_mem_mb/mem_mb) or fewer calibration_blocks"
+    loop = train_settings(chain, wildcards.recipe, rule)
+    fixes = []
+    if loop.parallel != "fsdp" or launchers(entry) * max(entry.get("gpu", 0), 1) == 1:
+        fixes.append(f"shard it over more GPUs ({where}: nodes/gpu) with {rule}.train.parallel: fsdp")
+    if not loop.gradient_checkpointing:
+        fixes.append(f"set {rule}.train.gradient_checkpointing: true")
+    if loop.batch_size > 1:
+        fixes.append(f"a smaller {rule}.train.batch_size (raise grad_accum to keep the global batch)")
+    fixes.append(f"or more memory per {'GPU' if entry.get('gpu') else 'process'}")
+    return ", ".join(fixes)
