@@ -9,7 +9,7 @@ from snakemake.logging import logger
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
 GPU_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
-MiB = 2**20
+MiB, GiB = 2**20, 2**30
 
 
 def pair_of(wildcards):
@@ -203,12 +203,12 @@ def memory_plan(rule, wildcards, entry):
         return planned(rule, label, f"memory plan: {label}: not estimated (no architecture: of its models before they are downloaded)")
     per = "GPU" if gpus else "process"
     capacity_mb = entry.get("gpu_mem_mb") if gpus else entry.get("mem_mb")
-    capacity = f"of {capacity_mb * MiB / 1e9:.2f} GB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"
+    capacity = f"of {capacity_mb * MiB / GiB:.2f} GiB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"
     planned(rule, label, f"memory plan: {label} on {layout}: {estimate.describe()} per {per} {capacity}")
     if capacity_mb and estimate.total > capacity_mb * MiB:
         raise ValueError(
-            f"memory plan: {label} needs about {estimate.total / 1e9:.1f} GB per {per} but its resources give "
-            f"{capacity_mb * MiB / 1e9:.1f} GB ({layout}); {memory_fix(rule, wildcards, entry)}"
+            f"memory plan: {label} needs about {estimate.total / GiB:.1f} GiB per {per} but its resources give "
+            f"{capacity_mb * MiB / GiB:.1f} GiB ({layout}); {memory_fix(rule, wildcards, entry)}"
         )
 
 
@@ -219,8 +219,9 @@ def memory_fix(rule, wildcards, entry):
         return f"give it more memory ({where}: gpu_mem_mb/mem_mb) or fewer calibration_blocks"
     loop = train_settings(chain, wildcards.recipe, rule)
     fixes = []
-    if loop.parallel != "fsdp" or launchers(entry) * max(entry.get("gpu", 0), 1) == 1:
-        fixes.append(f"shard it over more GPUs ({where}: nodes/gpu) with {rule}.train.parallel: fsdp")
+    if launchers(entry) * max(entry.get("gpu", 0), 1) == 1 or loop.parallel != "fsdp":
+        fsdp = "" if loop.parallel == "fsdp" else f" with {rule}.train.parallel: fsdp"
+        fixes.append(f"shard it over more GPUs ({where}: nodes/gpu){fsdp}")
     if not loop.gradient_checkpointing:
         fixes.append(f"set {rule}.train.gradient_checkpointing: true")
     if loop.batch_size > 1:

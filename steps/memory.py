@@ -7,7 +7,7 @@ per rank, in bytes:
   weights      float32 copies of the trained model (steps load in float32), plus the frozen teacher
   gradients    float32, for the trainable parameters
   optimizer    AdamW's two float32 moments per trainable parameter
-  autocast     bf16 copies of the weights autocast keeps for the step (bf16: true)
+  autocast     bf16 copies of the trainable weights autocast keeps for the step (bf16: true)
   activations  what backward needs per token and layer (or, with gradient checkpointing, each layer's
                input plus one layer recomputed), and the float32 logits with their log-softmax and gradient
 
@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-GB = 1e9
+GiB = 2**30
 FLOAT32 = 4
 
 
@@ -101,8 +101,8 @@ class Estimate:
         return sum(self.terms.values())
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {value / GB:.2f}" for name, value in self.terms.items() if value >= 0.005 * GB)
-        return f"{self.total / GB:.2f} GB ({parts or 'all terms below 0.01'} GB)"
+        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.terms.items() if value >= 0.005 * GiB)
+        return f"{self.total / GiB:.2f} GiB ({parts or 'all terms below 0.01'} GiB)"
 
 
 def training(student: Architecture, *, batch_size: int, block_size: int, bf16: bool = False,
@@ -126,7 +126,7 @@ def training(student: Architecture, *, batch_size: int, block_size: int, bf16: b
         "weights": params * FLOAT32 / shards + gathered,
         "gradients": trainable * FLOAT32 / shards,
         "optimizer": 2 * trainable * FLOAT32 / shards,
-        "autocast": params * 2 / shards if bf16 else 0.0,
+        "autocast": trainable * 2 / shards if bf16 else 0.0,  # casts of trainable leaves only are cached
         "activations": activations,
         "logits": logits,
     }
