@@ -1,0 +1,148 @@
+"""Scaling out: resources per teacher_student pair, jobs across nodes (srun x torchrun), the memory plan.
+
+Dry runs of config/llama.yaml plan the 13B -> 7B distill on 2 nodes x 8 GPUs and the 7B -> 1.1B one on a GPU;
+the plan prints a line per training and quantization job and stops an undersized config in one line; the
+estimate of steps/memory.py is checked against the peak memory of a real training run on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_workflow
+from test_llama_config import dry_run, jobs, snakemake
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN = "results/llama7b-d_1b_int8.eval"  # 13B -> 7B, then the distilled 7B -> 1.1B
+PLANNED = ("distill", "recover", "quantize")
+# 9 query heads over 3 KV heads, a width that is not a power of two, a 32k vocabulary, tied embeddings
+REAL_SHAPE = dict(hidden_size=288, intermediate_size=768, num_hidden_layers=4, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=256)
+
+
+def planned_job(planned: list[dict], rule: str, pair: str) -> dict:
+    return next(job for job in planned if job["rule"] == rule and f"/{pair}/" in job["output"][0])
+
+
+def resources(job: dict) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in job["resources"])
+
+
+def test_the_two_distill_steps_of_the_llama_chain_get_their_pairs_resources(tmp_path):
+    planned = jobs(dry_run(tmp_path / "run", CHAIN))
+    big, small = planned_job(planned, "distill", "llama13b_llama7b"), planned_job(planned, "distill", "llama7b-d_1b")
+    assert {k: resources(big).get(k) for k in ("nodes", "tasks", "gres", "mpi", "tasks_per_gpu", "gpu", "mem_mb")} == {
+        "nodes": "2", "tasks": "2", "gres": "gpu:8", "mpi": "srun", "tasks_per_gpu": "0", "gpu": None, "mem_mb": "512000"}
+    assert big["shell"].startswith("srun --ntasks 2 --kill-on-bad-exit=1 python -m steps.distributed slurm-torchrun "
+                                   "--nproc-per-node 8 -m steps.distill ")
+    assert {k: resources(small).get(k) for k in ("nodes", "tasks", "gpu", "mem_mb")} == {
+        "nodes": None, "tasks": None, "gpu": "1", "mem_mb": "128000"}
+    assert small["shell"].startswith("python -m steps.gpus run --count 1 -- python -m steps.distill ")
+    # the pair's entry overrides only distill: its other jobs keep the rule's
+    assert resources(planned_job(planned, "recover", "llama13b_llama7b"))["gpu"] == "1"
+
+
+def test_the_plan_has_a_line_for_every_training_and_quantization_job(tmp_path):
+    text = dry_run(tmp_path / "run", CHAIN)
+    lines = [line for line in text.splitlines() if line.startswith("memory plan: ")]
+    planned = [job for job in jobs(text) if job["rule"] in PLANNED]
+    assert len(lines) == len(planned) == 5, lines  # distill and recover of both pairs, the int8
+    assert all(line.endswith("per GPU of 80.00 GiB") for line in lines), lines
+    sharded = next(line for line in lines if "distill llama13b_llama7b" in line)
+    assert " on 2 nodes x 8 GPUs: " in sharded
+    # FSDP over 16 ranks: a 7B student's weights, gradients and AdamW states, a sixteenth of ~100 GiB each
+    per_gpu = float(sharded.split(": ")[2].split(" GiB")[0])
+    assert 5 < per_gpu < 20, sharded
+
+
+def test_an_undersized_pair_fails_the_dry_run_in_one_line(tmp_path):
+    copy_workflow(tmp_path / "run")
+    (tmp_path / "run" / "small.yaml").write_text(yaml.safe_dump(
+        {"chains": {"llama": {"resources": {"pairs": {"llama13b_llama7b": {"distill": {"nodes": 1, "gpu": 1}}}}}}}))
+    text = snakemake(tmp_path / "run", CHAIN, "--configfile=small.yaml", check=False)
+    line = next(line for line in text.splitlines() if "needs about" in line)
+    assert line.strip().startswith("ValueError: memory plan: distill llama13b_llama7b needs about ")
+    assert "GiB per GPU but its resources give 80.0 GiB (1 GPU); shard it over more GPUs " \
+           "(resources.pairs.llama13b_llama7b.distill: nodes/gpu)" in line
+    assert "Job stats" not in text
+
+
+def test_a_job_across_nodes_is_refused_locally_before_any_job_runs(tmp_path):
+    run = copy_workflow(tmp_path / "run")
+    (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile=tests/config/tiny.yaml", "--configfile=nodes.yaml"],
+        cwd=run, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "distill teacher_student asks for 2 nodes or tasks (resources `nodes`/`tasks`), which a local run cannot " \
+           "give: submit it with --profile profiles/slurm, or give it nodes: 1 for this machine" in result.stderr
+    assert not (run / "data").exists() and not (run / "models").exists()
+
+
+def test_slurm_torchrun_meets_at_the_first_host_of_the_step():
+    from steps.distributed import slurm_torchrun_args
+
+    environ = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "4321", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    assert slurm_torchrun_args(8, environ, first_host=lambda nodes: nodes.replace("[07-08]", "07")) == [
+        "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu07:24321",
+        "--rdzv-id", "4321"]
+
+
+# ---------------------------------------------------------------- steps/memory.py
+
+
+@pytest.mark.parametrize("arch", [REAL_SHAPE, {**REAL_SHAPE, "tie_word_embeddings": False, "num_key_value_heads": 9}])
+def test_parameter_count_matches_the_model(arch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steps.memory import Architecture
+
+    model = LlamaForCausalLM(LlamaConfig(**arch))
+    assert Architecture.from_config(arch).params() == model.num_parameters()
+
+
+def test_fsdp_divides_the_states_over_the_ranks():
+    from steps.memory import Architecture, training
+
+    arch = Architecture.from_config(REAL_SHAPE)
+    one = training(arch, batch_size=2, block_size=64)
+    sharded = training(arch, batch_size=2, block_size=64, ranks=4, fsdp=True)
+    replicated = training(arch, batch_size=2, block_size=64, ranks=4)
+    assert replicated.terms == one.terms
+    assert sharded.terms["optimizer"] == one.terms["optimizer"] / 4
+    assert sharded.terms["activations"] == one.terms["activations"]
+
+
+MEASURE = """
+import json, resource, sys
+import datasets, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from steps.memory import Architecture, training
+from steps.training import LoopSettings, next_token_loss, train
+
+arch, batch, block = json.loads(sys.argv[1]), 4, 128
+torch.manual_seed(0)
+ids = torch.randint(arch["vocab_size"], (32, block)).tolist()
+blocks = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+model = LlamaForCausalLM(LlamaConfig(**arch, attn_implementation="sdpa"))
+train(model, blocks, next_token_loss, LoopSettings(steps=3, batch_size=batch, warmup=1, log_every=10))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+estimate = training(Architecture.from_config(arch), batch_size=batch, block_size=block).total
+print(json.dumps({"peak": peak, "estimate": estimate}))
+"""
+
+
+def test_the_estimate_is_within_30_percent_of_the_peak_of_a_real_training_run():
+    """CPU peak RSS over the process's before the model exists (a GPU would read max_memory_allocated)."""
+    result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(REAL_SHAPE)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["estimate"] == pytest.approx(measured["peak"], rel=0.3), measured
