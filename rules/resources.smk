@@ -12,6 +12,20 @@ GPU_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
 MiB, GiB = 2**20, 2**30
 
 
+def check_pairs():
+    """A `pairs:` entry names a teacher_student pair of its own chain's aliases: a misspelt one would give nothing."""
+    for chain, settings in CHAINS.items():
+        for pair in settings["resources"].get("pairs", {}):
+            strangers = [alias for alias in pair.split("_") if ALIAS_CHAIN.get(alias) != chain]
+            if strangers:
+                where = "the config" if chain == TOP else describe(chain)
+                raise ValueError(f"resources.pairs.{pair} of {where}: {', '.join(map(repr, strangers))} is no model alias "
+                                 f"of it (a pair is teacher_student, both defined under its `models:`)")
+
+
+check_pairs()
+
+
 def pair_of(wildcards):
     return f"{wildcards.teacher}_{wildcards.student}" if "student" in wildcards.keys() else None
 

@@ -146,3 +146,12 @@ def test_the_estimate_is_within_30_percent_of_the_peak_of_a_real_training_run():
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["estimate"] == pytest.approx(measured["peak"], rel=0.3), measured
+
+
+def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
+    copy_workflow(tmp_path / "run")
+    (tmp_path / "run" / "typo.yaml").write_text("resources: {pairs: {teacher_studnet: {distill: {gpu: 2}}}}\n")
+    text = snakemake(tmp_path / "run", "--configfile=tests/config/tiny.yaml", "--configfile=typo.yaml", check=False)
+    assert "resources.pairs.teacher_studnet of the config: 'studnet' is no model alias of it (a pair is " \
+           "teacher_student, both defined under its `models:`)" in text
+    assert "Job stats" not in text

@@ -50,7 +50,9 @@ def test_shipped_configs_validate(extra, tmp_path):
         config = merged(*extra)
         validate(config, SCHEMA)
     # resources are looked up by rule name: a misspelt one (`distil:`) would silently give that rule nothing
-    assert set(config["resources"]) <= RULES | {"default"}, f"not rules: {set(config['resources']) - RULES}"
+    pairs = config["resources"].get("pairs", {})
+    named = set(config["resources"]) - {"pairs"} | {rule for entries in pairs.values() for rule in entries}
+    assert named <= RULES | {"default"}, f"not rules: {named - RULES}"
 
 
 def test_every_yaml_under_config_is_the_schema_the_top_level_or_a_chain():
