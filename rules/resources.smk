@@ -73,8 +73,8 @@ def rule_resources(rule):
 
 def on_cluster():
     """Whether jobs run under SLURM (submitted from here, or this is one), or nothing runs (a dry run)."""
-    name = getattr(workflow.executor_plugin, "name", "")
-    return workflow.dryrun or name.startswith("slurm") or "SLURM_JOB_ID" in os.environ
+    name = getattr(workflow.executor_plugin, "name", "")  # snakemake-executor-plugin-slurm, or -slurm-jobstep in a job
+    return workflow.dryrun or "slurm" in name or "SLURM_JOB_ID" in os.environ
 
 
 def launcher(rule, data_parallel=False):

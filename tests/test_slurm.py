@@ -431,3 +431,42 @@ def test_slurm_results_equal_the_local_run(scenario):
     assert {k: v.get("settings") for k, v in remote["lineage"].items()} == {
         k: v.get("settings") for k, v in local["lineage"].items()
     }
+
+
+# ---------------------------------------------------------------- a job across "nodes"
+
+TWO_TASKS = {  # 2 launchers of 1 rank each, on the cluster's one node: the multi-node path with gloo
+    "recipes": {"ranks2": {"distill": {"train": {"steps": 6, "batch_size": 4, "checkpoint_every": 0}}}},
+    "resources": {"distill": {"tasks": 2, "mem_mb": 3000}},
+}
+
+
+def test_a_distill_job_of_two_tasks_trains_like_one_process_with_the_global_batch(scenario, cluster, tmp_path):
+    """srun starts one torchrun per task; they meet at a c10d rendezvous and train 2 ranks of batch 4, which must
+    equal 1 process of batch 8 (tests/test_distributed.py does the same within one torchrun)."""
+    from safetensors.torch import load_file
+
+    from steps.distill import DistillSettings, run as distill
+    from test_distributed import assert_trained_alike
+
+    workdir, out = scenario.slurm_dir, "models/ranks2/teacher_student/distilled"
+    (workdir / "ranks2.yaml").write_text(yaml.safe_dump(TWO_TASKS))
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", TINY, "resources.yaml", "ranks2.yaml", "--profile",
+           str(workdir.parent / "profile"), "--slurm-init-seconds-before-status-checks", "2", out]
+    result = run(cmd, workdir, cluster.env)
+    assert result.returncode == 0, tail(result) + "\n" + (workdir / "logs/distill/ranks2/teacher_student.log").read_text()[-3000:]
+    [(rule, _, job)] = slurm_jobs(result.stdout)
+    assert rule == "distill"
+    record = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster.env, capture_output=True, text=True,
+                            timeout=60).stdout
+    assert "NumTasks=2 " in record, record
+    manifest = json.loads((workdir / out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    inputs = {name: str(workdir / entry["path"]) for name, entry in manifest["inputs"].items()}
+    settings = manifest["settings"]
+    settings["train"]["batch_size"] = 8  # the global batch of the two ranks
+    distill(inputs["teacher"], inputs["student"], inputs["data"], str(tmp_path / "single"), DistillSettings(**settings),
+            logits=inputs["logits"])
+    assert_trained_alike(load_file(str(tmp_path / "single" / "model.safetensors")),
+                         load_file(str(workdir / out / "model.safetensors")),
+                         load_file(str(workdir / "models/base/student/model.safetensors")))
