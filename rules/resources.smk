@@ -8,6 +8,7 @@ from snakemake.logging import logger
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
+ACROSS_NODES = ("nodes", "tasks")  # not taken from the rule a rule runs like: the teacher's cache is one process
 GPU_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
 MiB, GiB = 2**20, 2**30
 
@@ -34,8 +35,11 @@ def chain_resources(chain, rule, pair=None):
     """A rule's entry in a chain: its `default`, the entry of the rule it runs like, the rule's own, then the
     same three of the pair's `pairs:` entry."""
     table = CHAINS[chain]["resources"]
-    layers = [table, table.get("pairs", {}).get(pair, {})]
-    return {k: v for layer in layers for name in ("default", RESOURCES_LIKE.get(rule), rule) for k, v in layer.get(name, {}).items()}
+    merged = {}
+    for layer in (table, table.get("pairs", {}).get(pair, {})):
+        like = {k: v for k, v in layer.get(RESOURCES_LIKE.get(rule), {}).items() if k not in ACROSS_NODES}
+        merged.update({**layer.get("default", {}), **like, **layer.get(rule, {})})
+    return merged
 
 
 def job_resources(wildcards, rule):
@@ -212,7 +216,8 @@ def memory_plan(rule, wildcards, entry):
     estimate = job_estimate(rule, wildcards, entry)
     label = f"{rule} {job_label(wildcards)}"
     gpus, tasks = entry.get("gpu", 0), launchers(entry)
-    layout = f"{tasks} nodes x {gpus} GPUs" if tasks > 1 else (f"{gpus} GPUs" if gpus > 1 else ("1 GPU" if gpus else "CPU"))
+    devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "CPU"
+    layout = f"{tasks} {'nodes' if entry.get('nodes', 1) > 1 else 'tasks'} x {devices}" if tasks > 1 else devices
     if estimate is None:
         return planned(rule, label, f"memory plan: {label}: not estimated (no architecture: of its models before they are downloaded)")
     per = "GPU" if gpus else "process"

@@ -2,7 +2,8 @@
 
 A rule whose `resources.gpu` is above 1 launches its step with
 `torchrun --standalone --nproc-per-node N -m steps.<stage>` instead of
-`python -m steps.<stage>`; torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and this
+`python -m steps.<stage>`, and one asking for several nodes through srun, one
+torchrun per node (`slurm-torchrun` below); torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and this
 module turns them into a process group (NCCL on GPUs, gloo on CPUs, which is
 how the tests run it). Under plain `python -m` every function here is a no-op,
 so the stage code reads the same either way.
