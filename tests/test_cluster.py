@@ -155,3 +155,15 @@ def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
     assert "resources.pairs.teacher_studnet of the config: 'studnet' is no model alias of it (a pair is " \
            "teacher_student, both defined under its `models:`)" in text
     assert "Job stats" not in text
+
+
+def test_the_teacher_cache_runs_like_distill_but_in_one_process(tmp_path):
+    run = copy_workflow(tmp_path / "run")
+    (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2, gpu: 4, runtime: 99}}\n")
+    planned = jobs(snakemake(run, "--configfile=tests/config/tiny.yaml", "--configfile=nodes.yaml"))
+    cache = next(job for job in planned if job["rule"] == "teacher_logits")
+    assert {k: resources(cache).get(k) for k in ("nodes", "tasks", "gpu", "runtime")} == {
+        "nodes": None, "tasks": None, "gpu": "4", "runtime": "99"}
+    assert cache["shell"].startswith("python -m steps.gpus run --count 4 -- python -m steps.logit_cache ")
+    distill = next(job for job in planned if job["rule"] == "distill")
+    assert distill["shell"].startswith("srun --ntasks 2 ")

@@ -10,6 +10,9 @@ and always stops them again (tests/slurm/teardown.sh). One scenario then runs, a
   run 2  the same command again: it resumes, submitting only what run 1 did not finish;
   local  meanwhile, the same chain with `--cores 2` in another directory, to compare the `.eval`s.
 
+After them, a distill job of 2 srun tasks (one torchrun each, at a c10d rendezvous: the multi-node path on one
+node) must train like one process with the global batch.
+
 Both chains run with resources.yaml (RESOURCES_CONFIG): per-rule `resources:` whose effect SLURM reports.
 The cluster listens on free ports, and one cluster per machine is ensured by a lock on /etc/slurm.
 
