@@ -77,7 +77,7 @@ def test_a_job_across_nodes_is_refused_locally_before_any_job_runs(tmp_path):
     run = copy_workflow(tmp_path / "run")
     (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2}}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile=tests/config/tiny.yaml", "--configfile=nodes.yaml"],
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "tests/config/tiny.yaml", "nodes.yaml"],
         cwd=run, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "distill teacher_student asks for 2 nodes or tasks (resources `nodes`/`tasks`), which a local run cannot " \
@@ -151,7 +151,7 @@ def test_the_estimate_is_within_30_percent_of_the_peak_of_a_real_training_run():
 def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
     copy_workflow(tmp_path / "run")
     (tmp_path / "run" / "typo.yaml").write_text("resources: {pairs: {teacher_studnet: {distill: {gpu: 2}}}}\n")
-    text = snakemake(tmp_path / "run", "--configfile=tests/config/tiny.yaml", "--configfile=typo.yaml", check=False)
+    text = snakemake(tmp_path / "run", "--configfile", "tests/config/tiny.yaml", "typo.yaml", check=False)
     assert "resources.pairs.teacher_studnet of the config: 'studnet' is no model alias of it (a pair is " \
            "teacher_student, both defined under its `models:`)" in text
     assert "Job stats" not in text
@@ -160,7 +160,7 @@ def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
 def test_the_teacher_cache_runs_like_distill_but_in_one_process(tmp_path):
     run = copy_workflow(tmp_path / "run")
     (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2, gpu: 4, runtime: 99}}\n")
-    planned = jobs(snakemake(run, "--configfile=tests/config/tiny.yaml", "--configfile=nodes.yaml"))
+    planned = jobs(snakemake(run, "results/teacher_student_int8.eval", "--configfile", "tests/config/tiny.yaml", "nodes.yaml"))
     cache = next(job for job in planned if job["rule"] == "teacher_logits")
     assert {k: resources(cache).get(k) for k in ("nodes", "tasks", "gpu", "runtime")} == {
         "nodes": None, "tasks": None, "gpu": "4", "runtime": "99"}
