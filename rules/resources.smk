@@ -221,14 +221,26 @@ def memory_plan(rule, wildcards, entry):
     if estimate is None:
         return planned(rule, label, f"memory plan: {label}: not estimated (no architecture: of its models before they are downloaded)")
     per = "GPU" if gpus else "process"
-    capacity_mb = entry.get("gpu_mem_mb") if gpus else entry.get("mem_mb")
+    capacity_mb = entry.get("gpu_mem_mb", profile_default("gpu_mem_mb")) if gpus else entry.get("mem_mb")
     capacity = f"of {capacity_mb * MiB / GiB:.2f} GiB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"
     planned(rule, label, f"memory plan: {label} on {layout}: {estimate.describe()} per {per} {capacity}")
     if capacity_mb and estimate.total > capacity_mb * MiB:
         raise ValueError(
-            f"memory plan: {label} needs about {estimate.total / GiB:.1f} GiB per {per} but its resources give "
-            f"{capacity_mb * MiB / GiB:.1f} GiB ({layout}); {memory_fix(rule, wildcards, entry)}"
+            f"memory plan: {label} needs about {gib(estimate.total)} GiB per {per} but its resources give "
+            f"{gib(capacity_mb * MiB)} GiB ({layout}); {memory_fix(rule, wildcards, entry)}"
         )
+
+
+def gib(size):
+    return f"{size / GiB:.1f}" if size >= GiB else f"{size / GiB:.2g}"
+
+
+def profile_default(name):
+    """A plain number a profile's `default-resources:` (or --default-resources) gives `name`, else None."""
+    defaults = workflow.resource_settings.default_resources
+    value = defaults.get(name) if defaults is not None else None
+    value = getattr(value, "value", value)  # a Resource, in Snakemake's parsed form
+    return value if isinstance(value, int) else None
 
 
 def memory_fix(rule, wildcards, entry):

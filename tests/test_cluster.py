@@ -167,3 +167,15 @@ def test_the_teacher_cache_runs_like_distill_but_in_one_process(tmp_path):
     assert cache["shell"].startswith("python -m steps.gpus run --count 4 -- python -m steps.logit_cache ")
     distill = next(job for job in planned if job["rule"] == "distill")
     assert distill["shell"].startswith("srun --ntasks 2 ")
+
+
+def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_against(tmp_path):
+    run = copy_workflow(tmp_path / "run")
+    (run / "gpu.yaml").write_text("resources: {distill: {gpu: 1}}\n")
+    args = ("results/teacher_student_int8.eval", "--configfile", "tests/config/tiny.yaml", "gpu.yaml")
+    assert "memory plan: distill teacher_student on 1 GPU: " in snakemake(run, *args)
+    text = snakemake(run, *args, "--default-resources", "gpu_mem_mb=1", check=False)  # as profiles/slurm would give it
+    assert "memory plan: distill teacher_student needs about 0.0049 GiB per GPU but its resources give 0.00098 GiB (1 GPU); " \
+           "shard it over more GPUs (resources.pairs.teacher_student.distill: nodes/gpu) with distill.train.parallel: fsdp, " \
+           "set distill.train.gradient_checkpointing: true, a smaller distill.train.batch_size" in text
+    assert "Job stats" not in text
