@@ -3,7 +3,8 @@
     python -m bench.memory_plan            # about 3 minutes on 2 CPU cores
 
 Each case trains 3 optimizer steps in a fresh process (steps.training.train, AdamW) and reads its peak: CPU
-RSS over the process's before the model existed, or torch.cuda.max_memory_allocated on a GPU. Memory depends
+RSS over the process's before the model existed (with glibc's mmap threshold fixed, see measuring_env), or
+torch.cuda.max_memory_allocated on a GPU. Memory depends
 on shapes, not weight values, so the real model is SmolLM2-135M's architecture (its config.json: tied
 embeddings, 9 query heads over 3 KV heads, width 576, 49152 tokens) with fresh weights: no download.
 Printed: estimate / measured per case (1.00 = exact); the workflow refuses a job whose estimate exceeds its
@@ -14,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.common import save, table
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -36,6 +41,7 @@ MEASURE = """
 import json, resource, sys
 import datasets, torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model  # imported before `before`: its import is no training memory
 from steps.training import LoopSettings, next_token_loss, train
 
 arch, batch, block, checkpointing, rank = json.loads(sys.argv[1])
@@ -46,7 +52,6 @@ cuda = torch.cuda.is_available()
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 model = LlamaForCausalLM(LlamaConfig(**arch, attn_implementation="sdpa")).to("cuda" if cuda else "cpu")
 if rank:
-    from peft import LoraConfig, get_peft_model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
 train(model, blocks, next_token_loss, LoopSettings(steps=3, batch_size=batch, warmup=1, log_every=10,
@@ -56,9 +61,16 @@ print(json.dumps({"peak": peak, "device": "cuda" if cuda else "cpu"}))
 """
 
 
+def measuring_env() -> dict:
+    """glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS would also count
+    fragmentation: a fixed threshold returns every large block, and RSS follows live memory as a GPU's
+    max_memory_allocated does."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def measure(arch: dict, batch: int, block: int, checkpointing: bool, rank: int) -> dict:
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([arch, batch, block, checkpointing, rank])],
-                            capture_output=True, text=True, timeout=1800)
+                            capture_output=True, text=True, timeout=1800, env=measuring_env(), cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
