@@ -129,7 +129,7 @@ def read_json(path):
 def architecture_of(alias):
     """The config.json numbers of a model alias, or None where they are not known before it runs: the model's
     config.json when it is on disk (built, local, or in the hub cache), else its `architecture:`, a scratch
-    model's settings, or (pruned and derived aliases) their source's, an upper bound."""
+    model's settings, a GGUF file's header, or (pruned and derived aliases) their source's, an upper bound."""
     spec = model_spec(alias)
     if "from" in spec:
         built = os.path.join(base_dir(alias), "config.json")
@@ -139,6 +139,10 @@ def architecture_of(alias):
     for config in (os.path.join(base_dir(alias), "config.json"), hub_cached_config(spec)):
         if config and os.path.isfile(config):
             return read_json(config)
+    if "gguf" in spec and os.path.isfile(spec["gguf"]):
+        from steps.memory import gguf_config
+
+        return gguf_config(spec["gguf"])
     if "scratch" in spec:
         from steps.tokenizer import TokenizerSettings
         from transformers import LlamaConfig  # its defaults fill what the scratch settings leave out
@@ -219,7 +223,8 @@ def memory_plan(rule, wildcards, entry):
     devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "CPU"
     layout = f"{tasks} {'nodes' if entry.get('nodes', 1) > 1 else 'tasks'} x {devices}" if tasks > 1 else devices
     if estimate is None:
-        return planned(rule, label, f"memory plan: {label}: not estimated (no architecture: of its models before they are downloaded)")
+        return planned(rule, label, f"memory plan: {label}: not estimated (give its hub models `architecture:`, "
+                                     "config.json's numbers, for a plan before they are downloaded)")
     per = "GPU" if gpus else "process"
     capacity_mb = entry.get("gpu_mem_mb", profile_default("gpu_mem_mb")) if gpus else entry.get("mem_mb")
     capacity = f"of {capacity_mb * MiB / GiB:.2f} GiB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"

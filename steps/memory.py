@@ -81,6 +81,23 @@ class Architecture:
         return 5 * h + 2 * self.q_width + 3 * kv + 4 * i  # norms in/out x2, q (+rotary), k (+rotary), v, attn out; MLP
 
 
+GGUF_KEYS = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+             "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads"}
+
+
+def gguf_config(path: str | Path) -> dict:
+    """config.json's numbers from a GGUF file's header (llama.cpp's names), without reading its weights."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    config = {name: int(reader.fields[f"{arch}.{key}"].contents()) for key, name in GGUF_KEYS.items()
+              if f"{arch}.{key}" in reader.fields}
+    config["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    config["tie_word_embeddings"] = not any(tensor.name == "output.weight" for tensor in reader.tensors)
+    return config
+
+
 def lora_params(arch: Architecture, rank: int, targets) -> int:
     """Trainable parameters of LoRA of rank `rank` on the named projections of every layer."""
     h, i, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_width, arch.kv_width
