@@ -42,8 +42,8 @@ class Architecture:
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
-    tie_word_embeddings: bool = False
-    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    tie_word_embeddings: bool
+    head_dim: int  # hidden_size // num_attention_heads unless the config says otherwise
 
     @classmethod
     def from_config(cls, config: dict) -> "Architecture":
@@ -55,16 +55,16 @@ class Architecture:
             **{key: int(config[key]) for key in keys},
             num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            head_dim=int(config.get("head_dim") or 0),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
         )
 
     @property
     def kv_width(self) -> int:
-        return (self.head_dim or self.hidden_size // self.num_attention_heads) * self.num_key_value_heads
+        return self.head_dim * self.num_key_value_heads
 
     @property
     def q_width(self) -> int:
-        return (self.head_dim or self.hidden_size // self.num_attention_heads) * self.num_attention_heads
+        return self.head_dim * self.num_attention_heads
 
     def layer_params(self) -> int:
         h = self.hidden_size

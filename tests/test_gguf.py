@@ -313,3 +313,15 @@ def test_editing_the_gguf_file_rebuilds_the_base_model(gguf_file, tmp_path):
     path.write_bytes(path.read_bytes())  # a new file in its place (newer mtime)
     replanned = subprocess.run([*snakemake, "-n"], capture_output=True, text=True, timeout=120, env=env)
     assert planned_jobs(replanned) == {"base_model": 1}
+
+
+def test_the_memory_plan_reads_a_gguf_files_shape_from_its_header(gqa_model, tmp_path):
+    import json
+
+    from steps.memory import Architecture, gguf_config
+
+    out = _write(gqa_model, tmp_path / "q8", "q8_0")
+    config = json.loads((gqa_model / "config.json").read_text())
+    read = Architecture.from_config(gguf_config(out / "model.gguf"))
+    assert read == Architecture.from_config(config)
+    assert read.params() == AutoModelForCausalLM.from_pretrained(gqa_model).num_parameters()
