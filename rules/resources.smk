@@ -4,12 +4,15 @@
 # A chain's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
 # own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
 
+import dataclasses
+import importlib
+
 from snakemake.logging import logger
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
 ACROSS_NODES = ("nodes", "tasks")  # not taken from the rule a rule runs like: the teacher's cache is one process
-GPU_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
+PLAN_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
 MiB, GiB = 2**20, 2**30
 
 
@@ -55,7 +58,7 @@ def snakemake_resources(entry):
     """An entry as Snakemake resources. A job of several launchers is an `mpi` job to the SLURM plugin: its
     batch script runs the rule's shell command as it is (no `srun -n1` around it), whose own srun starts the
     launchers; its GPUs are asked per node (gres), not as a total, and not one task per GPU."""
-    resources = {k: v for k, v in entry.items() if k not in GPU_ONLY}
+    resources = {k: v for k, v in entry.items() if k not in PLAN_ONLY}
     if launchers(entry) > 1:
         gpus = resources.pop("gpu", 0)
         resources.update(tasks=launchers(entry), mpi="srun", tasks_per_gpu=0, **({"gres": f"gpu:{gpus}"} if gpus else {}))
@@ -144,12 +147,13 @@ def architecture_of(alias):
 
         return gguf_config(spec["gguf"])
     if "scratch" in spec:
-        from steps.tokenizer import TokenizerSettings
-        from transformers import LlamaConfig  # its defaults fill what the scratch settings leave out
+        tokenizer = model_spec(spec["tokenizer"]["from"]) if "from" in spec["tokenizer"] else spec
+        scratch = {**spec["scratch"], "vocab_size": setting(tokenizer["tokenizer"], "vocab_size", "steps.tokenizer.TokenizerSettings")}
+        if not {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"} <= set(scratch):
+            from transformers import LlamaConfig  # its defaults fill what the scratch settings leave out
 
-        vocab = model_spec(spec["tokenizer"]["from"]) if "from" in spec["tokenizer"] else spec
-        vocab_size = vocab["tokenizer"].get("vocab_size", TokenizerSettings.vocab_size)
-        return {**LlamaConfig(**spec["scratch"]).to_dict(), "vocab_size": vocab_size}
+            scratch = {**LlamaConfig(**scratch).to_dict(), "vocab_size": scratch["vocab_size"]}
+        return scratch
     return spec.get("architecture")
 
 
@@ -162,16 +166,23 @@ def hub_cached_config(spec):
     return found if isinstance(found, str) else None
 
 
-def train_settings(chain, recipe, name):
-    from steps.artifacts import settings_from
-    from steps.training import LoopSettings
+def setting(values, key, settings_class):
+    """`values[key]`, or the default of that field of the stage's settings dataclass ("module.Class"), imported
+    only then: the plan of a chain that states its settings imports no torch."""
+    if key in values:
+        return values[key]
+    where, _, name = settings_class.rpartition(".")  # not `module`: a Snakemake keyword
+    field = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(where), name))}[key]
+    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
 
-    return settings_from(LoopSettings, section(chain, recipe, name).get("train", {}))
+
+def train_setting(chain, recipe, rule, key):
+    return setting(section(chain, recipe, rule).get("train", {}), key, "steps.training.LoopSettings")
 
 
 def job_estimate(rule, wildcards, entry):
-    """steps.memory's estimate of a job's peak per rank, and where it runs ("GPU" or "process"); None when
-    a model's architecture is not known before it runs."""
+    """steps.memory's estimate of a job's peak per rank; None when a model's architecture is not known before
+    it runs."""
     from steps import memory
 
     chain, recipe = job_chain(wildcards), wildcards.recipe
@@ -179,39 +190,43 @@ def job_estimate(rule, wildcards, entry):
     config = read_json(upstream) if upstream and os.path.isfile(upstream) else architecture_of(wildcards.student)
     if config is None:
         return None
-    student, block = memory.Architecture.from_config(config), CHAINS[chain]["data"].get("block_size", 128)
+    student, block = memory.Architecture.from_config(config), CHAINS[chain]["data"]["block_size"]
     if rule == "quantize":
         method = quant_method(chain, recipe, wildcards.quant)
         if method["scheme"] in ("gptq", "w8a8"):
-            return memory.quantization(student, calibration_blocks=method.get("calibration_blocks", 128), block_size=block)
+            blocks = setting(method, "calibration_blocks", "steps.quantize.QuantizeSettings")
+            return memory.quantization(student, calibration_blocks=blocks, block_size=block)
         return memory.Estimate({"weights": student.params() * memory.FLOAT32})
-    loop = train_settings(chain, recipe, rule)
-    live = logit_cache_dir(chain, recipe, wildcards.teacher) is None
-    teacher = architecture_of(wildcards.teacher) if rule == "distill" or recover_kd(chain, recipe) else None
-    if rule == "distill" and section(chain, recipe, "distill").get("kd_weight", 1.0) == 0:
-        teacher = None
-    if teacher is not None and not live:
-        teacher = None  # its logits come from the cache: the teacher is not loaded
+    distill = section(chain, recipe, "distill")
+    if rule == "distill":
+        kd = setting(distill, "kd_weight", "steps.distill.DistillSettings") > 0
+    else:
+        kd = recover_kd(chain, recipe) is not None
+    on_policy = setting(distill.get("on_policy", {}), "share", "steps.distill.onpolicy.OnPolicySettings") > 0
+    live = logit_cache_dir(chain, recipe, wildcards.teacher) is None or on_policy  # else the cache stands in for it
+    teacher = architecture_of(wildcards.teacher) if kd and live else None
     trainable = None
     if rule == "recover":
-        settings = section(chain, recipe, "recover")
-        method = settings.get("method", "lora")
+        recover, settings_class = section(chain, recipe, "recover"), "steps.recover.RecoverSettings"
+        method = setting(recover, "method", settings_class)
         if method in ("lora", "qlora"):
-            trainable = memory.lora_params(student, settings.get("rank", 8), settings.get("target_modules", "all-linear"))
+            targets = setting(recover, "target_modules", settings_class)
+            trainable = memory.lora_params(student, setting(recover, "rank", settings_class), targets)
         elif method == "freeze":
-            trainable = settings.get("trainable_layers", 5) * student.layer_params()
+            trainable = setting(recover, "trainable_layers", settings_class) * student.layer_params()
         else:
-            trainable = 0
-    ranks = launchers(entry) * max(entry.get("gpu", 0), 1)
+            trainable = 0  # prefix: a few virtual tokens' keys and values
+    train = functools.partial(train_setting, chain, recipe, rule)
     return memory.training(
-        student, batch_size=loop.batch_size, block_size=block, bf16=loop.bf16, checkpointing=loop.gradient_checkpointing,
-        ranks=ranks, fsdp=loop.parallel == "fsdp", trainable=trainable,
+        student, batch_size=train("batch_size"), block_size=block, bf16=train("bf16"),
+        checkpointing=train("gradient_checkpointing"), ranks=launchers(entry) * max(entry.get("gpu", 0), 1),
+        fsdp=train("parallel") == "fsdp", trainable=trainable,
         teacher=teacher and memory.Architecture.from_config(teacher), live_teacher_logits=live,
     )
 
 
 @functools.cache
-def planned(rule, label, line):
+def log_once(line):  # a param function runs more than once per job
     logger.info(line)
 
 
@@ -223,12 +238,12 @@ def memory_plan(rule, wildcards, entry):
     devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "CPU"
     layout = f"{tasks} {'nodes' if entry.get('nodes', 1) > 1 else 'tasks'} x {devices}" if tasks > 1 else devices
     if estimate is None:
-        return planned(rule, label, f"memory plan: {label}: not estimated (give its hub models `architecture:`, "
+        return log_once(f"memory plan: {label}: not estimated (give its hub models `architecture:`, "
                                      "config.json's numbers, for a plan before they are downloaded)")
     per = "GPU" if gpus else "process"
     capacity_mb = entry.get("gpu_mem_mb", profile_default("gpu_mem_mb")) if gpus else entry.get("mem_mb")
     capacity = f"of {capacity_mb * MiB / GiB:.2f} GiB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"
-    planned(rule, label, f"memory plan: {label} on {layout}: {estimate.describe()} per {per} {capacity}")
+    log_once(f"memory plan: {label} on {layout}: {estimate.describe()} per {per} {capacity}")
     if capacity_mb and estimate.total > capacity_mb * MiB:
         raise ValueError(
             f"memory plan: {label} needs about {gib(estimate.total)} GiB per {per} but its resources give "
@@ -253,14 +268,14 @@ def memory_fix(rule, wildcards, entry):
     where = f"resources.pairs.{pair}.{rule}"
     if rule == "quantize":
         return f"give it more memory ({where}: gpu_mem_mb/mem_mb) or fewer calibration_blocks"
-    loop = train_settings(chain, wildcards.recipe, rule)
+    train = functools.partial(train_setting, chain, wildcards.recipe, rule)
     fixes = []
-    if launchers(entry) * max(entry.get("gpu", 0), 1) == 1 or loop.parallel != "fsdp":
-        fsdp = "" if loop.parallel == "fsdp" else f" with {rule}.train.parallel: fsdp"
+    if launchers(entry) * max(entry.get("gpu", 0), 1) == 1 or train("parallel") != "fsdp":
+        fsdp = "" if train("parallel") == "fsdp" else f" with {rule}.train.parallel: fsdp"
         fixes.append(f"shard it over more GPUs ({where}: nodes/gpu){fsdp}")
-    if not loop.gradient_checkpointing:
+    if not train("gradient_checkpointing"):
         fixes.append(f"set {rule}.train.gradient_checkpointing: true")
-    if loop.batch_size > 1:
+    if train("batch_size") > 1:
         fixes.append(f"a smaller {rule}.train.batch_size (raise grad_accum to keep the global batch)")
     fixes.append(f"or more memory per {'GPU' if entry.get('gpu') else 'process'}")
     return ", ".join(fixes)
