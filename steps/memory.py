@@ -1,15 +1,17 @@
 """Peak memory of a training or quantization job, estimated from model configs before anything runs.
 
-The workflow's memory plan (rules/common.smk) prints one line per job in `snakemake -n` and refuses a
-job whose estimate exceeds what its resources give (GPUs x gpu_mem_mb, or mem_mb on CPU). The terms,
+The workflow's memory plan (rules/resources.smk) prints one line per job in `snakemake -n` and refuses a
+job whose estimate exceeds what its resources give (gpu_mem_mb per GPU, or mem_mb on CPU). The terms,
 per rank, in bytes:
 
-  weights      float32 copies of the trained model (steps load in float32), plus the frozen teacher
+  weights      float32 copies of the trained model (steps load in float32)
   gradients    float32, for the trainable parameters
   optimizer    AdamW's two float32 moments per trainable parameter
   autocast     bf16 copies of the trainable weights autocast keeps for the step (bf16: true)
   activations  what backward needs per token and layer (or, with gradient checkpointing, each layer's
-               input plus one layer recomputed), and the float32 logits with their log-softmax and gradient
+               input plus one layer recomputed)
+  logits       float32 logits with their log-softmax and gradient
+  teacher      a frozen float32 teacher run live (none when a logit cache stands in for it), its logits
 
 FSDP divides weights, gradients, optimizer and autocast copies over the ranks (plus one layer gathered);
 DDP keeps a replica per rank. Activations are per rank: `batch_size` blocks of `block_size` tokens.
