@@ -129,6 +129,24 @@ def read_json(path):
         return json.load(source)
 
 
+def readable(read, path):
+    """read(path), or None for a file the plan cannot read: the job that loads it says why, in its own line."""
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def shape(config):
+    """steps.memory's Architecture of a config.json, or None for one that is not a decoder it knows."""
+    from steps.memory import Architecture
+
+    try:
+        return Architecture.from_config(config) if config else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def architecture_of(alias):
     """The config.json numbers of a model alias, or None where they are not known before it runs: the model's
     config.json when it is on disk (built, local, or in the hub cache), else its `architecture:`, a scratch
@@ -136,16 +154,16 @@ def architecture_of(alias):
     spec = model_spec(alias)
     if "from" in spec:
         built = os.path.join(base_dir(alias), "config.json")
-        return read_json(built) if os.path.isfile(built) else architecture_of(spec["from"].partition("_")[2])
+        return readable(read_json, built) if os.path.isfile(built) else architecture_of(spec["from"].partition("_")[2])
     if "prune_of" in spec:
         return architecture_of(prune_source(alias))
     for config in (os.path.join(base_dir(alias), "config.json"), hub_cached_config(spec)):
         if config and os.path.isfile(config):
-            return read_json(config)
+            return readable(read_json, config)
     if "gguf" in spec and os.path.isfile(spec["gguf"]):
         from steps.memory import gguf_config
 
-        return gguf_config(spec["gguf"])
+        return readable(gguf_config, spec["gguf"]) or spec.get("architecture")
     if "scratch" in spec:
         tokenizer = model_spec(spec["tokenizer"]["from"]) if "from" in spec["tokenizer"] else spec
         scratch = {**spec["scratch"], "vocab_size": setting(tokenizer["tokenizer"], "vocab_size", "steps.tokenizer.TokenizerSettings")}
@@ -187,10 +205,10 @@ def job_estimate(rule, wildcards, entry):
 
     chain, recipe = job_chain(wildcards), wildcards.recipe
     upstream = rule in PLAN_READS and os.path.join(chain_dir(recipe, wildcards.teacher, wildcards.student, PLAN_READS[rule]), "config.json")
-    config = read_json(upstream) if upstream and os.path.isfile(upstream) else architecture_of(wildcards.student)
-    if config is None:
+    student = shape(readable(read_json, upstream) if upstream and os.path.isfile(upstream) else architecture_of(wildcards.student))
+    if student is None:
         return None
-    student, block = memory.Architecture.from_config(config), CHAINS[chain]["data"]["block_size"]
+    block = CHAINS[chain]["data"]["block_size"]
     if rule == "quantize":
         method = quant_method(chain, recipe, wildcards.quant)
         if method["scheme"] in ("gptq", "w8a8"):
@@ -204,7 +222,9 @@ def job_estimate(rule, wildcards, entry):
         kd = recover_kd(chain, recipe) is not None
     on_policy = setting(distill.get("on_policy", {}), "share", "steps.distill.onpolicy.OnPolicySettings") > 0
     live = logit_cache_dir(chain, recipe, wildcards.teacher) is None or on_policy  # else the cache stands in for it
-    teacher = architecture_of(wildcards.teacher) if kd and live else None
+    teacher = shape(architecture_of(wildcards.teacher)) if kd and live else None
+    if kd and live and teacher is None:
+        return None
     trainable = None
     if rule == "recover":
         recover, settings_class = section(chain, recipe, "recover"), "steps.recover.RecoverSettings"
@@ -221,7 +241,7 @@ def job_estimate(rule, wildcards, entry):
         student, batch_size=train("batch_size"), block_size=block, bf16=train("bf16"),
         checkpointing=train("gradient_checkpointing"), ranks=launchers(entry) * max(entry.get("gpu", 0), 1),
         fsdp=train("parallel") == "fsdp", trainable=trainable,
-        teacher=teacher and memory.Architecture.from_config(teacher), live_teacher_logits=live,
+        teacher=teacher, live_teacher_logits=live,
     )
 
 
@@ -238,8 +258,8 @@ def memory_plan(rule, wildcards, entry):
     devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "CPU"
     layout = f"{tasks} {'nodes' if entry.get('nodes', 1) > 1 else 'tasks'} x {devices}" if tasks > 1 else devices
     if estimate is None:
-        return log_once(f"memory plan: {label}: not estimated (give its hub models `architecture:`, "
-                                     "config.json's numbers, for a plan before they are downloaded)")
+        return log_once(f"memory plan: {label}: not estimated (no shape of its models before they are built: give a "
+                        "hub or gguf model `architecture:`, config.json's numbers)")
     per = "GPU" if gpus else "process"
     capacity_mb = entry.get("gpu_mem_mb", profile_default("gpu_mem_mb")) if gpus else entry.get("mem_mb")
     capacity = f"of {capacity_mb * MiB / GiB:.2f} GiB" if capacity_mb else f"(no {'gpu_mem_mb' if gpus else 'mem_mb'} to check against)"

@@ -164,3 +164,15 @@ def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_agains
            "shard it over more GPUs (resources.pairs.teacher_student.distill: nodes/gpu) with distill.train.parallel: fsdp, " \
            "set distill.train.gradient_checkpointing: true, a smaller distill.train.batch_size" in text
     assert "Job stats" not in text
+
+
+def test_a_model_file_the_plan_cannot_read_leaves_its_jobs_unestimated_not_the_run_stopped(tmp_path):
+    """An empty GGUF file: base_model says what is wrong with it, in its own line, when it runs."""
+    from test_chains import GGUF
+
+    run = copy_workflow(tmp_path / "run")
+    (run / GGUF).parent.mkdir(parents=True)
+    (run / GGUF).touch()
+    text = snakemake(run, "smollm2")
+    assert "memory plan: distill smollm2_smollm2: not estimated (no shape of its models before they are built: " \
+           "give a hub or gguf model `architecture:`, config.json's numbers)" in text
