@@ -54,6 +54,11 @@ def launchers(entry):
     return entry.get("tasks", entry.get("nodes", 1))
 
 
+def ranks(entry):
+    """Training processes of a job: a torchrun rank per GPU of each launcher (one on CPU)."""
+    return launchers(entry) * max(entry.get("gpu", 0), 1)
+
+
 def snakemake_resources(entry):
     """An entry as Snakemake resources. A job of several launchers is an `mpi` job to the SLURM plugin: its
     batch script runs the rule's shell command as it is (no `srun -n1` around it), whose own srun starts the
@@ -239,7 +244,7 @@ def job_estimate(rule, wildcards, entry):
     train = functools.partial(train_setting, chain, recipe, rule)
     return memory.training(
         student, batch_size=train("batch_size"), block_size=block, bf16=train("bf16"),
-        checkpointing=train("gradient_checkpointing"), ranks=launchers(entry) * max(entry.get("gpu", 0), 1),
+        checkpointing=train("gradient_checkpointing"), ranks=ranks(entry),
         fsdp=train("parallel") == "fsdp", trainable=trainable,
         teacher=teacher, live_teacher_logits=live,
     )
@@ -290,7 +295,7 @@ def memory_fix(rule, wildcards, entry):
         return f"give it more memory ({where}: gpu_mem_mb/mem_mb) or fewer calibration_blocks"
     train = functools.partial(train_setting, chain, wildcards.recipe, rule)
     fixes = []
-    if launchers(entry) * max(entry.get("gpu", 0), 1) == 1 or train("parallel") != "fsdp":
+    if ranks(entry) == 1 or train("parallel") != "fsdp":
         fsdp = "" if train("parallel") == "fsdp" else f" with {rule}.train.parallel: fsdp"
         fixes.append(f"shard it over more GPUs ({where}: nodes/gpu){fsdp}")
     if not train("gradient_checkpointing"):
