@@ -4,10 +4,9 @@
 # A chain's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
 # own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
 
-import dataclasses
-import importlib
-
 from snakemake.logging import logger
+
+from steps import defaults
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
@@ -190,13 +189,9 @@ def hub_cached_config(spec):
 
 
 def setting(values, key, settings_class):
-    """`values[key]`, or the default of that field of the stage's settings dataclass ("module.Class"), imported
-    only then: the plan of a chain that states its settings imports no torch."""
-    if key in values:
-        return values[key]
-    where, _, name = settings_class.rpartition(".")  # not `module`: a Snakemake keyword
-    field = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(where), name))}[key]
-    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    """`values[key]`, or the default of that field of the stage's settings dataclass ("module.Class"), read from
+    its source (steps/defaults.py): the stage modules import torch, which planning must not."""
+    return values[key] if key in values else defaults.default(settings_class, key)
 
 
 def train_setting(chain, recipe, rule, key):
