@@ -26,10 +26,11 @@ rule prepare_data:
     params:
         settings=prepare_settings,
         code=code_fingerprint("data"),
+    threads: rule_threads("prepare_data")
     resources:
         **rule_resources("prepare_data"),
     log:
         "logs/prepare_data/{dataset}/{alias}.log",
     shell:
-        "python -m steps.data prepare --raw {input.raw} --tokenizer {input.tokenizer}"
+        "python -m steps.data prepare --threads {threads} --raw {input.raw} --tokenizer {input.tokenizer}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

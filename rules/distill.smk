@@ -11,12 +11,13 @@ rule teacher_logits:
         settings=lambda wildcards: as_json({"top_k": int(wildcards.k), "dtype": wildcards.dtype}),
         code=code_fingerprint("logit_cache"),
         launch=launcher("teacher_logits"),
+    threads: rule_threads("teacher_logits")
     resources:
         **rule_resources("teacher_logits"),
     log:
         "logs/teacher_logits/{teacher}/{dataset}/top{k}-{dtype}.log",
     shell:
-        "{params.launch} steps.logit_cache --teacher {input.teacher} --data {input.data}"
+        "{params.launch} steps.logit_cache --threads {threads} --teacher {input.teacher} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
@@ -32,11 +33,12 @@ rule distill:
         metrics="logs/distill/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("distill"),
         launch=launcher("distill", data_parallel=True),
+    threads: rule_threads("distill")
     resources:
         **rule_resources("distill"),
     log:
         "logs/distill/{recipe}/{teacher}_{student}.log",
     shell:
-        "{params.launch} steps.distill --teacher {input.teacher} --student {input.student} --data {input.data}"
+        "{params.launch} steps.distill --threads {threads} --teacher {input.teacher} --student {input.student} --data {input.data}"
         " {params.logits} --checkpoints {params.checkpoints} --metrics {params.metrics}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -11,12 +11,13 @@ rule evaluate:
         settings=settings_for("evaluate"),
         code=code_fingerprint("evaluate"),
         launch=launcher("evaluate"),
+    threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
     log:
         "logs/evaluate/{recipe}/{teacher}_{student}/{stage}.log",
     shell:
-        "{params.launch} steps.evaluate --model {input.model} --data {input.data}"
+        "{params.launch} steps.evaluate --threads {threads} --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 

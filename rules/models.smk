@@ -10,12 +10,13 @@ rule train_tokenizer:
     params:
         settings=tokenizer_settings,
         code=code_fingerprint("tokenizer"),
+    threads: rule_threads("train_tokenizer")
     resources:
         **rule_resources("train_tokenizer"),
     log:
         "logs/train_tokenizer/{alias}.log",
     shell:
-        "python -m steps.tokenizer --raw {input.raw} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "python -m steps.tokenizer --threads {threads} --raw {input.raw} --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
 rule base_model:
@@ -34,10 +35,11 @@ rule base_model:
         # logs before it reruns, and a resumed run appends to the rows it wrote before it was killed
         metrics="logs/base_model/{alias}.metrics.jsonl",
         checkpoints="cache/checkpoints/base/{alias}",  # a killed pre-training resumes from its last checkpoint
+    threads: rule_threads("base_model")
     resources:
         **rule_resources("base_model"),
     log:
         "logs/base_model/{alias}.log",
     shell:
-        "{params.launch} steps.base --spec {params.spec:q} {params.args} --metrics {params.metrics}"
+        "{params.launch} steps.base --threads {threads} --spec {params.spec:q} {params.args} --metrics {params.metrics}"
         " --checkpoints {params.checkpoints} --out {output} > {log} 2>&1"

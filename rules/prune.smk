@@ -12,12 +12,13 @@ rule prune:
         settings=settings_for("prune"),
         code=code_fingerprint("prune"),
         launch=launcher("prune"),
+    threads: rule_threads("prune")
     resources:
         **rule_resources("prune"),
     log:
         "logs/prune/{recipe}/{teacher}_{student}.log",
     shell:
-        "{params.launch} steps.prune --model {input.model} --data {input.data}"
+        "{params.launch} steps.prune --threads {threads} --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
@@ -32,10 +33,11 @@ rule prune_model:
         settings=alias_prune_settings,
         code=code_fingerprint("prune"),
         launch=launcher("prune_model"),
+    threads: rule_threads("prune_model")
     resources:
         **rule_resources("prune_model"),
     log:
         "logs/prune_model/{alias}.log",
     shell:
-        "{params.launch} steps.prune --model {input.model} --data {input.data}"
+        "{params.launch} steps.prune --threads {threads} --model {input.model} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -13,9 +13,10 @@ rule quantize:
         settings=settings_for("quantize"),
         code=code_fingerprint("quantize"),
         launch=launcher("quantize"),
+    threads: rule_threads("quantize")
     resources:
         **rule_resources("quantize"),
     log:
         "logs/quantize/{recipe}/{teacher}_{student}_{quant}.log",
     shell:
-        "{params.launch} steps.quantize --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "{params.launch} steps.quantize --threads {threads} --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -14,11 +14,12 @@ rule recover:
         metrics="logs/recover/{recipe}/{teacher}_{student}.metrics.jsonl",  # a param: Snakemake deletes logs on rerun
         code=code_fingerprint("recover"),
         launch=launcher("recover", data_parallel=True),
+    threads: rule_threads("recover")
     resources:
         **rule_resources("recover"),
     log:
         "logs/recover/{recipe}/{teacher}_{student}.log",
     shell:
-        "{params.launch} steps.recover --model {input.model} --data {input.data} {params.teacher} --kd {params.kd:q}"
+        "{params.launch} steps.recover --threads {threads} --model {input.model} --data {input.data} {params.teacher} --kd {params.kd:q}"
         " --checkpoints {params.checkpoints} --metrics {params.metrics}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -82,6 +82,19 @@ def rule_resources(rule):
     return {name: resource(name) for name in sorted(names)}
 
 
+def rule_threads(rule):
+    """`threads:` of a rule that computes: the job's `cpus_per_task` where its chain's resources give one (what SLURM
+    allots each task), else all of --cores (on a cluster, a profile's `cores:`; 1 without either). Snakemake caps it
+    at --cores and --max-threads, `--set-threads RULE=N` overrides it, a job waits until its threads are free (on
+    --cores 2: two 1-thread jobs at once, or one of 2), and the SLURM plugin asks for cpus_per_task = threads where
+    the config sets none. Each step runs torch on exactly these (--threads; steps.artifacts.use_threads)."""
+
+    def threads(wildcards):
+        return job_resources(wildcards, rule).get("cpus_per_task") or workflow.resource_settings.cores or 1
+
+    return threads
+
+
 def on_cluster():
     """Whether jobs run under SLURM (submitted from here, or this is one), or nothing runs (a dry run)."""
     name = getattr(workflow.executor_plugin, "name", "")  # snakemake-executor-plugin-slurm, or -slurm-jobstep in a job

@@ -45,6 +45,35 @@ def setup_logging() -> None:
     )
 
 
+# Thread pools a job's libraries size from the environment: OpenMP / MKL (torch's intra-op pool), the Rust pool of
+# tokenizers, GPTQModel's CPU workers. Set before first use, they also reach the processes a step starts.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "GPTQMODEL_CPU_WORKERS")
+THREADS = {"per_process": None}  # what use_threads gave this process, for the manifest
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU threads of this job: the workflow passes the rule's `threads` "
+                        "(Snakemake's --cores, --set-threads, a profile, resources cpus_per_task); default: the libraries' own")
+
+
+def use_threads(threads: int | None) -> int | None:
+    """Run this process on the threads the workflow gave its job, split among the ranks torchrun started on this
+    node (each rank of `torchrun --nproc-per-node N` gets threads / N); returns the threads per process."""
+    if not threads:
+        return None
+    if threads < 1:
+        raise StageError(f"--threads must be 1 or more, got {threads}")
+    per_process = max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    os.environ.update({name: str(per_process) for name in THREAD_VARIABLES})
+    if "torch" in sys.modules:  # a stage that computes imported it; the data stages need no torch pool
+        import torch
+
+        torch.set_num_threads(per_process)
+    log.info("threads: %d per process", per_process)
+    THREADS["per_process"] = per_process
+    return per_process
+
+
 def settings_from(cls, raw: dict | str):
     """Build a settings dataclass from a dict (or its JSON), refusing unknown keys."""
     values = json.loads(raw) if isinstance(raw, str) else dict(raw)
@@ -214,6 +243,7 @@ def write_manifest(out_dir: Path, stage: str, settings, inputs: dict[str, str], 
         "code": code_fingerprint(stage),
         "versions": package_versions(),
         "wall_s": round(time.time() - started, 2),
+        "threads": THREADS["per_process"],  # wall_s was measured on these (None: the libraries' own choice)
         "peak_rss_bytes": peak_rss_bytes(),
         **extra,
     }

@@ -23,8 +23,8 @@ import json
 import logging
 import time
 
-from steps.artifacts import (StageError, atomic_dir, refused_writes, run_key, settings_from, setup_logging,
-                             write_manifest)
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, refused_writes, run_key, settings_from,
+                             setup_logging, use_threads, write_manifest)
 from steps.models import build_scratch, load_gguf, load_model, load_tokenizer, pick_device, save_model
 from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
@@ -105,8 +105,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data", help="prepared data directory (scratch models with pretrain:)")
     parser.add_argument("--metrics", help="JSONL of per-step training metrics (scratch models with pretrain:)")
     parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out (scratch models with pretrain:)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     with refused_writes():  # a full disk while writing checkpoints or metrics: one line too
         run(json.loads(args.spec), args.out, args.tokenizer, args.data, args.metrics, args.checkpoints)
 

@@ -45,7 +45,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_json_atomic, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, settings_from, setup_logging, use_threads,
+                             write_json_atomic, write_manifest)
 
 log = logging.getLogger("steps")
 
@@ -421,8 +422,10 @@ def main(argv=None) -> None:
     p_prep.add_argument("--tokenizer", required=True, help="directory with the tokenizer to use")
     p_prep.add_argument("--settings", default="{}", help="JSON of PrepareSettings")
     p_prep.add_argument("--out", required=True)
+    add_threads_argument(p_prep)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(getattr(args, "threads", None))
     if args.command == "fetch":
         fetch(json.loads(args.spec), args.out)
     else:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steps.artifacts import StageError, atomic_dir, read_manifest, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, read_manifest, settings_from, setup_logging,
+                             use_threads, write_manifest)
 from steps.data import load_split
 from steps.losses import rest_log_prob
 from steps.models import load_model, load_tokenizer, pick_device
@@ -157,8 +158,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="prepared data directory (its train split is cached)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--settings", default="{}", help="JSON of CacheSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     build(args.teacher, args.data, args.out, settings_from(CacheSettings, args.settings))
 
 

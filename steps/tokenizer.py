@@ -15,7 +15,8 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, settings_from, setup_logging, use_threads,
+                             write_manifest)
 
 EOS = "<|endoftext|>"
 
@@ -67,8 +68,10 @@ def main(argv=None) -> None:
     parser.add_argument("--raw", required=True, help="raw dataset directory")
     parser.add_argument("--out", required=True, help="tokenizer directory to write")
     parser.add_argument("--settings", default="{}", help="JSON of TokenizerSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     run(args.raw, args.out, settings_from(TokenizerSettings, args.settings))
 
 

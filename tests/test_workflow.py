@@ -34,9 +34,35 @@ def built(tmp_path_factory) -> Path:
     """A copy of the workflow (so tests may edit its code) with the tiny chain built in it."""
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     started = time.monotonic()
-    snakemake(workdir, TARGET)
+    result = snakemake(workdir, TARGET)
     BUILD["seconds"] = time.monotonic() - started
+    BUILD["output"] = result.stdout + result.stderr
     return workdir
+
+
+def test_jobs_run_on_the_threads_they_are_given_and_never_oversubscribe(built):
+    """On --cores 2 every job that computes was given 2 threads and its step ran torch on them (its log and its
+    manifest say so); Snakemake never ran jobs whose threads add up to more than the 2 cores."""
+    events = []  # (position in the output, +threads at a job's start | -threads at its end)
+    started = {}
+    for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", BUILD["output"], re.M):
+        job = re.search(r"^    jobid: (\d+)$", block[2], re.M)[1]
+        threads = re.search(r"^    threads: (\d+)$", block[2], re.M)
+        started[job] = (block[1], int(threads[1]) if threads else 1)
+        events.append((block.start(), started[job][1]))
+    for end in re.finditer(r"Finished jobid: (\d+)", BUILD["output"]):
+        events.append((end.start(), -started[end[1]][1]))
+    running = [sum(change for _, change in sorted(events)[: i + 1]) for i in range(len(events))]
+    assert max(running) == 2 and min(running) == 0, running
+    computing = {rule for rule, threads in started.values() if threads == 2}
+    assert computing >= {"train_tokenizer", "prepare_data", "base_model", "distill", "prune", "recover", "quantize",
+                         "evaluate", "evaluate_base"}, started
+    for log in (built / "logs").rglob("*.log"):
+        rule = log.relative_to(built / "logs").parts[0]
+        if rule in computing | {"evaluate"}:
+            assert "threads: 2 per process" in log.read_text(), log
+    for manifest in (built / "models").rglob("manifest.json"):
+        assert json.loads(manifest.read_text())["threads"] == 2, manifest
 
 
 def test_eval_report_has_metrics_chain_and_lineage(built, monkeypatch):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from steps import distributed
-from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, run_key, settings_from, setup_logging,
+                             use_threads, write_manifest)
 from steps.data import load_split
 from steps.distill import hidden, onpolicy
 from steps.distill.hidden import HiddenSettings
@@ -182,8 +183,10 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
     parser.add_argument("--metrics", help="per-step metrics JSONL (next to the log)")
     parser.add_argument("--settings", default="{}", help="JSON of DistillSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     settings = settings_from(DistillSettings, args.settings)
     run(args.teacher, args.student, args.data, args.out, settings, args.checkpoints, args.logits, args.metrics)
 

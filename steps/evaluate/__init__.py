@@ -23,6 +23,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from steps.artifacts import StageError, read_manifest, settings_from, weights_bytes, write_json_atomic
 from steps.evaluate import generation, speed
 from steps.evaluate.generation import GenerationSettings
@@ -99,6 +101,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
         params=manifest.get("params") or model.num_parameters(),  # a PeftModel counts its base's
         size_bytes=weights_bytes(model_dir) + (weights_bytes(Path(model_dir) / ADAPTER_DIR) if adapter_applied else 0),
         adapter_applied=adapter_applied,
+        threads=torch.get_num_threads(),  # the CPU threads every tokens/s above was measured on
         **speed.peak_memory(device),
     )
     report = {"model": str(model_dir), "settings": asdict(settings), "metrics": metrics, "manifest": manifest}

@@ -2,7 +2,7 @@
 
 import argparse
 
-from steps.artifacts import settings_from, setup_logging
+from steps.artifacts import add_threads_argument, settings_from, setup_logging, use_threads
 from steps.evaluate import EvaluateSettings, run
 
 
@@ -12,8 +12,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="prepared data directory (test split is used)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--settings", default="{}", help="JSON of EvaluateSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     run(args.model, args.data, args.out, settings_from(EvaluateSettings, args.settings))
 
 

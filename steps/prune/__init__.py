@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from steps.artifacts import StageError, atomic_dir, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, settings_from, setup_logging, use_threads,
+                             write_manifest)
 from steps.data import load_split
 from steps.models import load_model, load_tokenizer, pick_device, save_model
 from steps.prune import importance, surgery
@@ -201,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="prepared data (calibration for the data-driven scores)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--settings", default="{}", help="JSON of PruneSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     run(args.model, args.data, args.out, settings_from(PruneSettings, args.settings))

@@ -33,7 +33,8 @@ from typing import Literal, get_args
 import torch
 
 from steps import distributed
-from steps.artifacts import StageError, atomic_dir, run_key, settings_from, setup_logging, write_manifest
+from steps.artifacts import (StageError, add_threads_argument, atomic_dir, run_key, settings_from, setup_logging,
+                             use_threads, write_manifest)
 from steps.data import load_split
 from steps.distill import DistillSettings, kd_objective
 from steps.logit_cache import CacheSettings, LogitCache
@@ -173,8 +174,10 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
     parser.add_argument("--metrics", help="JSONL of per-step training metrics")
     parser.add_argument("--settings", default="{}", help="JSON of RecoverSettings")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    use_threads(args.threads)
     run(args.model, args.data, args.out, settings_from(RecoverSettings, args.settings), args.checkpoints, args.metrics,
         args.teacher, args.logits, settings_from(DistillSettings, args.kd))
 
