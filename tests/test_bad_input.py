@@ -98,6 +98,7 @@ GRAMMAR = "results/[{recipe}/]{teacher}_{student}_{quant}.eval"
     ("", "results/a_b.eval", [f"ValueError: results/a_b.eval is not a target: name it {GRAMMAR} "]),
 ], ids=["misspelt-key", "wrong-type", "bad-enum", "missing-path-model", "malformed-target-dashes",
         "malformed-target-two-fields"])
+@pytest.mark.workflow
 def test_bad_config_and_targets_fail_at_planning_time(stage_runs, workflow, tmp_path, override, target, lines):
     """(`stage_runs` only starts the stage runs below, so they go on while Snakemake plans.)"""
     config = tmp_path / "override.yaml"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import copy_workflow
 from test_llama_config import dry_run, jobs, outputs, snakemake
+
+pytestmark = pytest.mark.workflow  # every test here plans the workflow
 
 GGUF = "resources/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

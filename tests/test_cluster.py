@@ -34,6 +34,7 @@ def resources(job: dict) -> dict[str, str]:
     return dict(item.split("=", 1) for item in job["resources"])
 
 
+@pytest.mark.workflow
 def test_the_two_distill_steps_of_the_llama_chain_get_their_pairs_resources(tmp_path):
     planned = jobs(dry_run(tmp_path / "run", CHAIN))
     big, small = planned_job(planned, "distill", "llama13b_llama7b"), planned_job(planned, "distill", "llama7b-d_1b")
@@ -48,6 +49,7 @@ def test_the_two_distill_steps_of_the_llama_chain_get_their_pairs_resources(tmp_
     assert resources(planned_job(planned, "recover", "llama13b_llama7b"))["gpu"] == "1"
 
 
+@pytest.mark.workflow
 def test_the_plan_has_a_line_for_every_training_and_quantization_job(tmp_path):
     text = dry_run(tmp_path / "run", CHAIN)
     lines = [line for line in text.splitlines() if line.startswith("memory plan: ")]
@@ -61,6 +63,7 @@ def test_the_plan_has_a_line_for_every_training_and_quantization_job(tmp_path):
     assert 5 < per_gpu < 20, sharded
 
 
+@pytest.mark.workflow
 def test_an_undersized_pair_fails_the_dry_run_in_one_line(tmp_path):
     copy_workflow(tmp_path / "run")
     (tmp_path / "run" / "small.yaml").write_text(yaml.safe_dump(
@@ -73,6 +76,7 @@ def test_an_undersized_pair_fails_the_dry_run_in_one_line(tmp_path):
     assert "Job stats" not in text
 
 
+@pytest.mark.workflow
 def test_a_job_across_nodes_is_refused_locally_before_any_job_runs(tmp_path):
     run = copy_workflow(tmp_path / "run")
     (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2}}\n")
@@ -133,6 +137,7 @@ def test_the_estimate_is_within_30_percent_of_the_peak_of_a_real_training_run(ch
     assert estimate == pytest.approx(measured["peak"], rel=0.3), (estimate, measured)
 
 
+@pytest.mark.workflow
 def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
     copy_workflow(tmp_path / "run")
     (tmp_path / "run" / "typo.yaml").write_text("resources: {pairs: {teacher_studnet: {distill: {gpu: 2}}}}\n")
@@ -142,6 +147,7 @@ def test_a_pair_of_unknown_aliases_is_refused_in_one_line(tmp_path):
     assert "Job stats" not in text
 
 
+@pytest.mark.workflow
 def test_the_teacher_cache_runs_like_distill_but_in_one_process(tmp_path):
     run = copy_workflow(tmp_path / "run")
     (run / "nodes.yaml").write_text("resources: {distill: {nodes: 2, gpu: 4, runtime: 99}}\n")
@@ -154,6 +160,7 @@ def test_the_teacher_cache_runs_like_distill_but_in_one_process(tmp_path):
     assert distill["shell"].startswith("srun --ntasks 2 ")
 
 
+@pytest.mark.workflow
 def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_against(tmp_path):
     run = copy_workflow(tmp_path / "run")
     (run / "gpu.yaml").write_text("resources: {distill: {gpu: 1}}\n")
@@ -166,6 +173,7 @@ def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_agains
     assert "Job stats" not in text
 
 
+@pytest.mark.workflow
 def test_a_model_file_the_plan_cannot_read_leaves_its_jobs_unestimated_not_the_run_stopped(tmp_path):
     """An empty GGUF file: base_model says what is wrong with it, in its own line, when it runs."""
     from test_chains import GGUF

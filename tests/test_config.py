@@ -81,6 +81,7 @@ def test_mistakes_fail_with_the_schema_message(path, value, message):
         validate(config, SCHEMA)
 
 
+@pytest.mark.workflow
 def test_a_typo_stops_snakemake_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("recover: {rnak: 4}\n")
@@ -241,6 +242,7 @@ def test_schema_and_settings_dataclass_agree_field_by_field(definition, settings
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.workflow
 def test_a_typo_in_a_chain_stops_snakemake_in_one_line_naming_the_chain(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("chains: {llama: {distill: {temprature: 2.0}}}\n")

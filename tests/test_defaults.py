@@ -41,6 +41,7 @@ def test_a_missing_field_and_a_computed_default_fail():
         defaults.literal(defaults.ast.parse("max(1, 2)", mode="eval").body)
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("target", ["", "llama", "smollm2"])
 def test_planning_imports_neither_torch_nor_transformers(tmp_path, target):
     """A dry run of the demo and of each chain (their memory plans included): the modules imported on the way."""

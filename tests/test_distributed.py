@@ -86,6 +86,7 @@ def test_recover_on_two_ranks_trains_like_one_process_with_the_global_batch(mode
     assert not ckpt.exists()  # written by rank 0 during training, dropped once the merged model is out
 
 
+@pytest.mark.workflow
 def test_a_rule_with_two_gpus_launches_its_step_through_torchrun(tmp_path):
     from pathlib import Path
 

@@ -295,6 +295,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     assert not (tmp_path / "base").exists()
 
 
+@pytest.mark.workflow
 def test_editing_the_gguf_file_rebuilds_the_base_model(gguf_file, tmp_path):
     """Through Snakemake: the file is an input of base_model, so replacing it reruns that job."""
     path = tmp_path / "model.gguf"

@@ -236,6 +236,7 @@ json.dump([device, beside or None], open(sys.argv[1], 'w'))
 """
 
 
+@pytest.mark.workflow
 def test_snakemake_gpu_jobs_running_together_never_share_a_device(env, tmp_path):
     """Four one-GPU jobs on a two-GPU pool under `--resources gpu=2`: jobs running at the same time hold different devices."""
     (tmp_path / "job.py").write_text(PAIRED_JOB)
@@ -257,6 +258,7 @@ def test_snakemake_gpu_jobs_running_together_never_share_a_device(env, tmp_path)
     assert all(device != other for device, other in runs), runs
 
 
+@pytest.mark.workflow
 def test_workflow_training_rules_with_gpus_start_behind_the_allocator(tmp_path):
     override = tmp_path / "gpus.yaml"
     override.write_text("resources: {distill: {gpu: 1}, recover: {gpu: 2}}\n")

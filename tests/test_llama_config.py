@@ -60,6 +60,7 @@ def outputs(planned: list[dict], rule: str) -> list[str]:
     return sorted(out for job in planned if job["rule"] == rule for out in job["output"])
 
 
+@pytest.mark.workflow
 def test_the_design_cards_command_plans_the_llama_chain_with_its_settings(tmp_path):
     """`snakemake --cores 8 results/llama7b_1b_int8.eval`, verbatim (as a dry run), from a fresh copy of the repo."""
     text = dry_run(tmp_path / "run", "--cores", "8", "results/llama7b_1b_int8.eval")
@@ -98,6 +99,7 @@ def test_the_design_cards_command_plans_the_llama_chain_with_its_settings(tmp_pa
     assert "runtime=1440" in resources["models/default/llama7b_1b/distilled"]
 
 
+@pytest.mark.workflow
 def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     text = dry_run(tmp_path / "run", "results/llama7b-d_1b_int8.eval")
     assert job_counts(text) == {"fetch_data": 1, "base_model": 3, "prepare_data": 2, "teacher_logits": 2, "distill": 2,
@@ -123,6 +125,7 @@ def test_derived_alias_plans_13b_to_7b_first(tmp_path):
     assert outputs(planned, "quantize") == ["models/default/llama7b-d_1b/quant/int8"]  # 13b->7b is not quantized
 
 
+@pytest.mark.workflow
 def test_a_bare_run_builds_the_demo_and_the_chains_name_builds_its_targets(tmp_path):
     demo = jobs(dry_run(tmp_path / "run"))
     assert outputs(demo, "report")[-1] == "results/teacher_student_int8.eval"
@@ -135,6 +138,7 @@ def plan(text: str) -> list:
     return sorted(sorted(job.items()) for job in jobs(text))  # job order varies per run
 
 
+@pytest.mark.workflow
 def test_the_chains_change_nothing_in_the_demo_and_the_demo_nothing_in_them(tmp_path):
     """The demo plans the same jobs with the same params with or without the chains; a demo setting changed
     through a --configfile changes no Llama job, and a Llama setting changed under `chains:` no demo job."""

@@ -161,6 +161,7 @@ def test_custom_code_runs_only_on_opt_in(offline):
 # ---------------------------------------------------------------- the registry in the workflow
 
 
+@pytest.mark.workflow
 def test_path_and_hub_aliases_in_the_dag(tmp_path, hub):
     """`path:` is read in place (no job), `hub:` gets a base_model job, `from:` points at a chain's output."""
     local = tmp_path / "local-model"

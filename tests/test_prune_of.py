@@ -58,6 +58,7 @@ def workdir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- the plan
 
 
+@pytest.mark.workflow
 def test_a_chain_distils_into_the_pruned_teacher(workdir):
     """One prune_model job reads the teacher's base model and the chain's data in the teacher's tokens; the
     pruned alias gets no tokenizer and no data of its own, and the chain's student is the pruned directory."""
@@ -79,6 +80,7 @@ def test_a_chain_distils_into_the_pruned_teacher(workdir):
     assert settings_of(by_rule["prune"])["ratios"] == {"intermediate_size": 0.75}  # the chain's stage: its section
 
 
+@pytest.mark.workflow
 def test_pruned_from_a_pruned_alias_and_from_a_chain_output(workdir):
     """`prune_of` follows any alias: a pruned one (two prune_model jobs in a line, one tokenization) or another
     chain's stage (its directory and its student's data)."""
@@ -92,6 +94,7 @@ def test_pruned_from_a_pruned_alias_and_from_a_chain_output(workdir):
     assert prepared == ["data/pydoc/student", "data/pydoc/teacher"]  # the chain's student's data, none per pruned alias
 
 
+@pytest.mark.workflow
 def test_a_scratch_model_can_share_a_pruned_aliases_tokenizer_before_any_pruning(workdir):
     """The pruned alias's tokenizer is its source's: a model that borrows it does not wait for the pruning."""
     small = {"scratch": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -103,6 +106,7 @@ def test_a_scratch_model_can_share_a_pruned_aliases_tokenizer_before_any_pruning
     assert built["input"] == "models/tokenizer/teacher, data/pydoc/small"
 
 
+@pytest.mark.workflow
 def test_pruning_a_teacher_gets_the_prune_rules_resources_unless_it_has_its_own(workdir):
     """A cluster config sized `prune:` for its chain (a GPU); pruning the bigger teacher must not fall back to a
     CPU-only default, and its own entry still wins."""
@@ -124,6 +128,7 @@ def test_pruning_a_teacher_gets_the_prune_rules_resources_unless_it_has_its_own(
     ({"ghost-p": {"prune_of": "loop-p", "prune": PRUNE}, "loop-p": {"prune_of": "ghost-p", "prune": PRUNE}},
      "model alias 'ghost-p' is pruned from itself: ghost-p -> loop-p -> ghost-p (fix its `prune_of:`)"),
 ], ids=["unknown", "cycle"])
+@pytest.mark.workflow
 def test_a_bad_source_fails_at_planning_time_in_one_line(workdir, models, message):
     result = snakemake(workdir, "-n", "results/teacher_ghost-p_int8.eval", models=models, check=False)
     text = result.stdout + result.stderr
@@ -172,6 +177,7 @@ def built(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_the_pruned_alias_is_a_plain_model_with_the_target_shape(built):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -185,6 +191,7 @@ def test_the_pruned_alias_is_a_plain_model_with_the_target_shape(built):
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_only_the_aliases_own_settings_rebuild_it(built):
     """Its prune entry rebuilds it alone; the chain's `prune:` section does not touch it; its source rebuilds both."""
     assert planned_jobs(snakemake(built, "-n", "models/base/teacher-p")) == {}

@@ -239,12 +239,15 @@ def mount_tmpfs(where: Path, options: str) -> bool:
     where.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
+    try:  # a hung mount (a stuck namespace, an NFS parent) fails the test instead of blocking the suite
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True, timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def unmount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], check=True)
+    subprocess.run(["umount", str(where)], check=True, timeout=30)
 
 
 @pytest.mark.parametrize("case", ["read-only directory", "a file in the way"])
@@ -335,6 +338,7 @@ models:
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_a_second_snakemake_in_the_same_directory_is_refused_by_the_lock(tmp_path):
     workdir = copy_workflow(tmp_path / "workflow")
     (workdir / "long_teacher.yaml").write_text(LONG_TEACHER)

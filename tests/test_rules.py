@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import copy_workflow, planned_jobs, run_snakemake
 
+pytestmark = pytest.mark.workflow  # every test here plans or runs the workflow
+
 DATA = "data/local/teacher"  # the chain's data: the local dataset, tokenized with the teacher's tokenizer
 # a `path:` dataset whose text is in `body`: a format field, which belongs to prepare (and the tokenizer), not fetch
 CONFIG = """\

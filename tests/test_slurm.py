@@ -41,7 +41,7 @@ import pytest
 import yaml
 from conftest import copy_workflow
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.workflow]
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "slurm"
@@ -53,7 +53,8 @@ PLACEHOLDERS = {"YOUR-PARTITION": "debug", "YOUR-ACCOUNT": "testacct"}  # what a
 # Per-rule `resources:` that SLURM must see: distill asks for the cluster's one (fake) GPU (-> sbatch --gpus),
 # its own memory and time; prune for the cluster's second partition. The other rules keep the config's
 # default runtime (30 min), which overrides the profile's default-resources (60 min).
-RESOURCES_CONFIG = "resources: {distill: {gpu: 1, mem_mb: 1500, runtime: 17}, prune: {slurm_partition: other}}\n"
+RESOURCES_CONFIG = ("resources: {distill: {gpu: 1, mem_mb: 1500, runtime: 17}, "
+                    "prune: {slurm_partition: other, cpus_per_task: 2}}\n")
 LOCAL_RULES = {"fetch_data", "report"}  # `localrules:` in rules/common.smk
 CLUSTER_RULES = {"train_tokenizer", "prepare_data", "base_model", "teacher_logits", "distill", "prune", "recover", "quantize",
                  "evaluate", "evaluate_base"}
@@ -410,16 +411,21 @@ def test_config_resources_reach_the_slurm_jobs(scenario):
     for rule, _, job in slurm_jobs(scenario.run2.stdout):  # run 2's jobs: recent enough to be listed still
         assert job in records, f"SLURM job {job} ({rule}) is not in `scontrol show job`"
         fields = dict(re.findall(r"(\w+)=(\S*)", records[job]))
-        allocated[rule] = (fields["Partition"], fields["Account"], fields["TimeLimit"], fields["MinMemoryNode"])
+        allocated[rule] = (fields["Partition"], fields["Account"], fields["TimeLimit"], fields["MinMemoryNode"],
+                           fields["NumCPUs"])
         gpus = re.search(r"gres/gpu[:=](\d+)|gpu:(\d+)", records[job])
         if rule in ("distill", "teacher_logits"):  # the cache runs the teacher like distill: its resources
             assert gpus and "1" in gpus.groups(), records[job]  # gpu: 1 -> the cluster's one GPU
         else:
             assert gpus is None, records[job]
     assert {"distill", "prune", "evaluate"} <= set(allocated), allocated
-    assert allocated["distill"] == ("debug", "testacct", "00:17:00", "1500M"), allocated
-    assert allocated["prune"] == ("other", "testacct", "00:30:00", "4000M"), allocated
-    assert allocated["evaluate"] == ("debug", "testacct", "00:30:00", "4000M"), allocated
+    # CPUs: the config's cpus_per_task, else the rule's threads (1 for a run submitted without --cores)
+    assert allocated["distill"] == ("debug", "testacct", "00:17:00", "1500M", "1"), allocated
+    assert allocated["prune"] == ("other", "testacct", "00:30:00", "4000M", "2"), allocated
+    assert allocated["evaluate"] == ("debug", "testacct", "00:30:00", "4000M", "1"), allocated
+    # and each step ran torch on what its job was given
+    assert "threads: 2 per process" in (scenario.slurm_dir / "logs/prune/default/teacher_student.log").read_text()
+    assert "threads: 1 per process" in (scenario.slurm_dir / "logs/distill/default/teacher_student.log").read_text()
 
 
 def test_slurm_results_equal_the_local_run(scenario):

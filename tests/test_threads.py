@@ -32,6 +32,7 @@ def test_use_threads_sizes_torch_and_the_libraries_pools():
     got = threads_in({}, 3)  # the environment said 1: the job's --threads wins
     assert got == {"returned": 3, "torch": 3, "env": {"OMP_NUM_THREADS": "3", "RAYON_NUM_THREADS": "3",
                                                       "GPTQMODEL_CPU_WORKERS": "3"}}
+    assert threads_in({}, 1)["env"]["GPTQMODEL_CPU_WORKERS"] == "2"  # the least GPTQModel's pool runs with
 
 
 def test_torchrun_ranks_on_one_node_split_the_jobs_threads():
@@ -56,6 +57,7 @@ def workdir(tmp_path_factory):
     return copy_workflow(tmp_path_factory.mktemp("threads"))
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("cores", [1, 2, 5])
 def test_a_computing_job_takes_all_of_cores_and_its_step_is_told(workdir, cores):
     result = run_snakemake(workdir, "-n", "-p", TARGET, configs=["tests/config/tiny.yaml"], cores=cores)
@@ -68,6 +70,7 @@ def test_a_computing_job_takes_all_of_cores_and_its_step_is_told(workdir, cores)
             assert f" --threads {expected} " in job["shell"], job
 
 
+@pytest.mark.workflow
 def test_cpus_per_task_and_set_threads_decide_a_rules_threads(workdir):
     (workdir / "cpus.yaml").write_text("resources: {distill: {cpus_per_task: 3}, evaluate: {cpus_per_task: 1}}\n")
     result = run_snakemake(workdir, "-n", "-p", TARGET, "--set-threads", "quantize=1",
@@ -78,3 +81,15 @@ def test_cpus_per_task_and_set_threads_decide_a_rules_threads(workdir):
     assert threads["quantize"] == 1 and threads["recover"] == 4
     capped = run_snakemake(workdir, "-n", "-p", TARGET, configs=["tests/config/tiny.yaml", "cpus.yaml"], cores=2)
     assert {job["threads"] for job in jobs(capped) if job["rule"] == "distill"} == {2}  # never above --cores
+
+
+def test_a_one_thread_gptq_job_quantizes(model_dir, data_dir, tmp_path):
+    """GPTQModel's CPU pool needs two workers: a job given one thread still runs (a 1-CPU SLURM job did not)."""
+    settings = json.dumps({"scheme": "gptq", "bits": 8, "group_size": -1, "calibration_blocks": 8})
+    env = {k: v for k, v in os.environ.items() if k != "GPTQMODEL_CPU_WORKERS"}
+    result = subprocess.run([sys.executable, "-m", "steps.quantize", "--threads", "1", "--model", str(model_dir),
+                             "--data", str(data_dir), "--settings", settings, "--out", str(tmp_path / "q")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "threads: 1 per process" in result.stderr
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["threads"] == 1

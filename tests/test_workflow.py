@@ -21,7 +21,7 @@ TARGET = "results/teacher_student_int8.eval"
 CHAIN = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
 BUILD = {}  # what the `built` fixture measured: its wall time
 
-pytestmark = pytest.mark.slow  # every test here stands on the real chain built once
+pytestmark = [pytest.mark.slow, pytest.mark.workflow]  # every test here stands on the real chain built once
 
 
 def snakemake(workdir: Path, *args: str, extra_config: str = "", check: bool = True) -> subprocess.CompletedProcess:
