@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 CORES      ?= 2
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the suite's time is mostly Snakemake and SLURM waiting on jobs, and tiny
-# models that keep one core busy; a module's tests stay in one process (they share its built workflow).
+# models that keep one core busy; a module's tests stay in one process (they share its built workflow), and
+# the modules of slow tests go first (tests/conftest.py orders them).
 TEST_WORKERS ?= $(CORES)
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -35,10 +36,10 @@ smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
 	snakemake --cores $(CORES) smollm2  # the `targets:` of the chain smollm2 (config/smollm2.yaml)
 
 test: $(VENV)/.installed
-	python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
-	python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not workflow and not slow" $(PYTEST_ARGS)
+	python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not workflow and not slow" $(PYTEST_ARGS)
 
 env: $(VENV)/.installed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tests-hf-home-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub, whatever the caller's environment says
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: one test process per core, so one thread each (Snakemake
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # jobs still get their rule's threads; torch reads it at import)
 # GPTQModel JIT-compiles a C++ packing extension on first use (~30 s per machine); its pure-torch packer
 # writes the same bits, and for the tiny models here in milliseconds. Workflow runs inherit this.
 os.environ["GPTQMODEL_DISABLE_PACK_EXT"] = "1"
@@ -41,6 +44,14 @@ TINY_ARCH = {
     "num_key_value_heads": 1,
     "max_position_embeddings": 64,
 }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most `slow` tests first (the real chain, SLURM): under `make test` (pytest-xdist, a module
+    per process) they start at once, each on its own worker, and the quick modules fill in around them."""
+    slow = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    collected = {name: rank for rank, name in enumerate(dict.fromkeys(item.module.__name__ for item in items))}
+    items.sort(key=lambda item: (-slow[item.module.__name__], collected[item.module.__name__]))
 
 
 def _runs_snakemake(args, kwargs) -> bool:

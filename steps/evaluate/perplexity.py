@@ -39,7 +39,10 @@ def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, context: in
     """Perplexity of `labels` (-100 = not scored) under `model` reading `input_ids`, `batch_size` windows per forward."""
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
-    partial_logits = "logits_to_keep" in inspect.signature(base.forward).parameters  # not every remote-code model
+    accepted = inspect.signature(base.forward).parameters  # not every remote-code model takes these
+    # no KV cache: a window is read once, and filling a cache copies every key and value of every layer
+    options = {"use_cache": False} if "use_cache" in accepted else {}
+    partial_logits = "logits_to_keep" in accepted
     windows = list(sliding_windows(len(input_ids), context, stride))
     nll, scored_tokens, seen_tokens = 0.0, 0, 0
     t0 = last_log = time.time()
@@ -53,7 +56,7 @@ def perplexity(model, input_ids: torch.Tensor, labels: torch.Tensor, context: in
         # memory: batch x positions x vocabulary), and with stride < context most positions are context only.
         keep = min(ids.shape[1], max(scored for _, _, scored in batch) + 1)
         targets = targets[:, 1:][:, 1 - keep :].to(device)  # logits at i predict the token at i+1
-        logits = model(input_ids=ids, **({"logits_to_keep": keep} if partial_logits else {})).logits[:, -keep:-1]
+        logits = model(input_ids=ids, **options, **({"logits_to_keep": keep} if partial_logits else {})).logits[:, -keep:-1]
         n = int((targets != -100).sum())
         if n:
             nll += torch.nn.functional.cross_entropy(
