@@ -1,8 +1,8 @@
 """How much faster is batched perplexity, and does it agree with lm-evaluation-harness?
 
-    python -m bench.eval_speed [--config config/smollm2.yaml] [--batch-sizes 8,32] [--parity-tokens 4096]
+    python -m bench.eval_speed [--config config/smollm2.yaml] [--model DIR] [--batch-sizes 8,32] [--threads N]
 
-On the recovered student of the config's first target (the demo's by default: run `make demo` first) and the
+On the recovered student of the config's first target (the demo's by default: run `make demo` first), or --model, and the
 config's held-out test tokens and window (context, stride), side by side in one run:
 - speed: steps.evaluate's perplexity as it ran before (one window per forward, logits at every position),
   with one window and logits only where scored, and with `--batch-sizes` windows per forward, alternating,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -51,9 +52,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="8,32", help="windows per forward to compare with one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parity-tokens", type=int, default=4096)
+    parser.add_argument("--model", help="another model directory on the same data (e.g. models/base/smollm2: the "
+                        "chain's teacher, before `make smollm2` has built the recovered student)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads for every setting (an evaluate job runs on all --cores)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     config = load_config(args.config)
     model_dir, data_dir = chain_paths(config)
+    model_dir = args.model or model_dir
     require(model_dir, data_dir)
     evaluation = config["evaluate"]
     context, stride = evaluation["context"], evaluation["stride"]
@@ -61,7 +68,8 @@ def main(argv=None) -> None:
     test = load_split(data_dir, "test")[:]
     cap = evaluation.get("max_tokens") or None
     ids, labels = test["input_ids"].reshape(-1)[:cap], test["labels"].reshape(-1)[:cap]
-    print(f"{model_dir}: {model.num_parameters():,} params; {len(ids):,} test tokens, context {context}, stride {stride}")
+    print(f"{model_dir}: {model.num_parameters():,} params; {len(ids):,} test tokens, context {context}, stride {stride}, "
+          f"{args.threads} threads")
 
     # "before": one window per forward, logits everywhere (evaluate before this benchmark's issue); then
     # one window with logits only where scored, and `--batch-sizes` windows per forward.
@@ -105,7 +113,7 @@ def main(argv=None) -> None:
     path = save(
         name,
         inputs={"config": args.config, "model": model_dir, "tokens": len(ids), "context": context, "stride": stride,
-                "repeats": args.repeats, "parity_tokens": len(tokens)},
+                "repeats": args.repeats, "parity_tokens": len(tokens), "threads": args.threads},
         raw={"seconds": {str(k): v for k, v in best.items()}, "perplexity": {str(k): v for k, v in ppl.items()},
              "parity": {"ours": ours, "lm_eval": theirs, "ours_s": ours_s, "lm_eval_s": lm_eval_s}},
         ratios={"speedup": {str(k): round(best["before"] / v, 3) for k, v in best.items()}, "parity": parity},
