@@ -47,11 +47,13 @@ TINY_ARCH = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules with the most `slow` tests first (the real chain, SLURM): under `make test` (pytest-xdist, a module
-    per process) they start at once, each on its own worker, and the quick modules fill in around them."""
+    """Modules of `slow` tests first, those that are nothing else (the real chain, SLURM) before the rest: under
+    `make test` (pytest-xdist, a module per process) they start at once, each on its own worker, and the quick
+    modules fill in around them."""
+    tests = collections.Counter(item.module.__name__ for item in items)
     slow = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
-    collected = {name: rank for rank, name in enumerate(dict.fromkeys(item.module.__name__ for item in items))}
-    items.sort(key=lambda item: (-slow[item.module.__name__], collected[item.module.__name__]))
+    collected = {name: rank for rank, name in enumerate(tests)}
+    items.sort(key=lambda item: (-slow[item.module.__name__] / tests[item.module.__name__], collected[item.module.__name__]))
 
 
 def _runs_snakemake(args, kwargs) -> bool:
