@@ -19,7 +19,7 @@ SLURMD_PORT=${3:-6818}
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)
 HOST=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OpenMP limits (pytest-xdist workers set one)
 # Let two jobs share the node's memory: three quarters of the machine, in MB.
 MEM=$(awk '/MemTotal/ {print int($2 / 1024 * 3 / 4)}' /proc/meminfo)
 
