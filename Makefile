@@ -13,6 +13,7 @@ PYTEST_ARGS ?=
 # models that keep one core busy; a module's tests stay in one process (they share its built workflow), and
 # the modules of slow tests go first (tests/conftest.py orders them).
 TEST_WORKERS ?= $(CORES)
+PYTEST := python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # gptqmodel: no CUDA build on CPU machines; keep its CPU pool to our core count.
@@ -36,10 +37,10 @@ smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
 	snakemake --cores $(CORES) smollm2  # the `targets:` of the chain smollm2 (config/smollm2.yaml)
 
 test: $(VENV)/.installed
-	python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
-	python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not workflow and not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not workflow and not slow" $(PYTEST_ARGS)
 
 env: $(VENV)/.installed
 
