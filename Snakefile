@@ -7,6 +7,8 @@
 #
 # Target grammar: results/[{recipe}/]{teacher}_{student}_{quant}.eval (see README.md).
 
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -15,11 +17,16 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config/config.yaml"  # found from any --directory
 
 
-include: "rules/config.smk"  # validates the config, loads its chains (config/llama.yaml, config/smollm2.yaml)
+# The planning logic is a package (steps/workflow/, tested without Snakemake); rules/*.smk hold the rules.
+sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
+from steps.workflow import chains, resources
+from steps.workflow.chains import CHAINS, all_targets
+
+chains.load(config, workflow.basedir, workflow.overwrite_configfiles)  # validates; loads config/llama.yaml, ...
+resources.attach(workflow)  # --cores, the executor, default resources: for threads, launchers and the plan
 
 
-include: "rules/common.smk"
-include: "rules/resources.smk"  # per chain and pair; launchers; the memory plan
+include: "rules/common.smk"  # wildcard constraints, local rules
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/distill.smk"

@@ -64,7 +64,7 @@ TIMEOUT_S = 3 * 3600  # one child; SmolLM2's slowest row takes minutes
 
 def chain(config: dict, root: Path) -> dict:
     """The config's first (default-recipe) target's teacher, distilled and pruned models, and its data
-    (the paths of rules/common.smk: base_dir, chain_dir, data_dir of the teacher)."""
+    (the paths of steps/workflow/paths.py: base_dir, chain_dir, data_dir of the teacher)."""
     teacher, student, _ = Path(config["targets"][0]).stem.split("_")
     spec = config["models"][teacher]
     chain_dir = root / f"models/default/{teacher}_{student}"

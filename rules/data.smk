@@ -1,5 +1,9 @@
 # Data: fetch a source once, then tokenize / split / pack it per tokenizer.
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import alias_tokenizer, dataset_spec, local_source, prepare_settings
+from steps.workflow.resources import rule_resources, rule_threads
+
 
 rule fetch_data:
     input:

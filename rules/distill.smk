@@ -1,5 +1,10 @@
 # Distill: teacher -> student logit KD (steps/distill/), optionally from a teacher-logit cache.
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import cache_args, distill_inputs, settings_for
+from steps.workflow.paths import as_json, base_dir, data_dir
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule teacher_logits:
     input:

@@ -1,5 +1,15 @@
 # Evaluate every distinct model once, gather each chain into its `.eval` and page, and every result into a summary.
 
+import shlex
+
+from steps.fingerprint import code_fingerprint
+from steps.workflow.chains import all_targets
+from steps.workflow.inputs import (
+    base_eval_inputs, built_results, chain_data, eval_model, malformed_target, report_args, report_inputs, settings_for,
+)
+from steps.workflow.paths import NAME
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule evaluate:
     input:

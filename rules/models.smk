@@ -1,6 +1,11 @@
 # Base models: train a tokenizer for scratch models, materialise hub / scratch / gguf models
 # (a `prune_of` alias is made by rule prune_model in prune.smk).
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import base_args, base_inputs, model_spec_json, tokenizer_raw, tokenizer_settings
+from steps.workflow.paths import pruned_aliases
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule train_tokenizer:
     input:

@@ -1,6 +1,11 @@
 # Prune: structured removal of heads, KV groups, MLP channels, hidden channels and layers (steps/prune/),
 # in a chain (prune) or to make a model alias from another one (prune_model: Minitron's pruned teacher).
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import alias_prune_settings, chain_data, prune_inputs, settings_for, upstream
+from steps.workflow.paths import pruned_aliases
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule prune:
     input:

@@ -2,6 +2,10 @@
 # The chain's prepared data is an input of every method: gptq calibrates on its train split,
 # the other schemes ignore it (one rule, no per-scheme input functions).
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import chain_data, settings_for, upstream
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule quantize:
     input:

@@ -1,5 +1,9 @@
 # Recover: LoRA, QLoRA, Freeze or P-tuning v2 after pruning, on next-token or distillation loss (steps/recover/).
 
+from steps.fingerprint import code_fingerprint
+from steps.workflow.inputs import kd_inputs, kd_settings, recover_inputs, settings_for
+from steps.workflow.resources import launcher, rule_resources, rule_threads
+
 
 rule recover:
     input:

@@ -1,6 +1,6 @@
 """The default of a settings dataclass field, read from its module's source without importing it.
 
-The workflow's planning (the memory plan in rules/resources.smk) needs the defaults of the settings a chain
+The workflow's planning (the memory plan in steps/workflow/plan.py) needs the defaults of the settings a chain
 leaves out, and the stage modules that define them import torch and transformers (3 s, 400 MB): a dry run or a
 no-op run must not pay that. The dataclass stays the one truth: this reads its class body (a literal default,
 or `field(default=...)` / `field(default_factory=...)` of a literal, a lambda returning one, list or dict), and

@@ -1,6 +1,6 @@
 """Peak memory of a training or quantization job, estimated from model configs before anything runs.
 
-The workflow's memory plan (rules/resources.smk) prints one line per job in `snakemake -n` and refuses a
+The workflow's memory plan (steps/workflow/plan.py) prints one line per job in `snakemake -n` and refuses a
 job whose estimate exceeds what its resources give (gpu_mem_mb per GPU, or mem_mb on CPU). The terms,
 per rank, in bytes:
 

@@ -1,4 +1,4 @@
-"""Chains (rules/config.smk): the top level of the config and each file under `chains:` are separate settings;
+"""Chains (steps/workflow/chains.py): the top level of the config and each file under `chains:` are separate settings;
 a job runs with its aliases' chain, and mistakes in the chain set-up fail in one line before any job.
 config/llama.yaml's own plans are in tests/test_llama_config.py."""
 

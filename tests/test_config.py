@@ -40,7 +40,7 @@ def chain_files():
                          ids=lambda e: e[0].name if e else "config.yaml")
 def test_shipped_configs_validate(extra, tmp_path):
     """The top level (config.yaml, with a test config merged over it) against the whole schema; a chain's file
-    alone against `settings`, as rules/config.smk loads it."""
+    alone against `settings`, as steps/workflow/chains.py loads it."""
     if extra and extra[0] in chain_files():
         config, schema = load(extra[0]), yaml.safe_load(Path(SCHEMA).read_text())
         (tmp_path / "settings.yaml").write_text(yaml.safe_dump(

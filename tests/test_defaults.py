@@ -15,7 +15,7 @@ from conftest import REPO, copy_workflow
 from steps import defaults
 
 # The settings classes the workflow's planning reads defaults of, as the rules name them.
-PLANNED = sorted(set(re.findall(r'"(steps(?:\.\w+)+Settings)"', (REPO / "rules" / "resources.smk").read_text())))
+PLANNED = sorted(set(re.findall(r'"(steps(?:\.\w+)+Settings)"', (REPO / "steps" / "workflow" / "plan.py").read_text())))
 
 
 def test_the_plan_names_settings_classes():

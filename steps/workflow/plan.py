@@ -1,150 +1,21 @@
-# Resources of each job, how a rule launches its step (one process, torchrun, or srun x torchrun across
-# nodes), and the memory plan checked before anything is submitted.
-#
-# A chain's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
-# own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
+"""The memory plan: steps.memory's estimate of each training and quantization job's peak, printed per job and
+checked against its resources before anything is submitted (a job that cannot fit is a one-line error)."""
 
-from snakemake.logging import logger
+from __future__ import annotations
+
+import functools
+import json
+import os
 
 from steps import defaults
+from steps.workflow import resources
+from steps.workflow.chains import CHAINS, job_chain, model_spec, quant_method, section
+from steps.workflow.inputs import recover_kd
+from steps.workflow.paths import base_dir, chain_dir, logit_cache_dir, prune_source
+from steps.workflow.resources import job_label, launchers, pair_of, ranks
 
-# The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
-RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
-ACROSS_NODES = ("nodes", "tasks")  # not taken from the rule a rule runs like: the teacher's cache is one process
-PLAN_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
 MiB, GiB = 2**20, 2**30
 
-
-def check_pairs():
-    """A `pairs:` entry names a teacher_student pair of its own chain's aliases: a misspelt one would give nothing."""
-    for chain, settings in CHAINS.items():
-        for pair in settings["resources"].get("pairs", {}):
-            strangers = [alias for alias in pair.split("_") if ALIAS_CHAIN.get(alias) != chain]
-            if strangers:
-                where = "the config" if chain == TOP else describe(chain)
-                raise ValueError(f"resources.pairs.{pair} of {where}: {', '.join(map(repr, strangers))} is no model alias "
-                                 f"of it (a pair is teacher_student, both defined under its `models:`)")
-
-
-check_pairs()
-
-
-def pair_of(wildcards):
-    return f"{wildcards.teacher}_{wildcards.student}" if "student" in wildcards.keys() else None
-
-
-def chain_resources(chain, rule, pair=None):
-    """A rule's entry in a chain: its `default`, the entry of the rule it runs like, the rule's own, then the
-    same three of the pair's `pairs:` entry."""
-    table = CHAINS[chain]["resources"]
-    merged = {}
-    for layer in (table, table.get("pairs", {}).get(pair, {})):
-        like = {k: v for k, v in layer.get(RESOURCES_LIKE.get(rule), {}).items() if k not in ACROSS_NODES}
-        merged.update({**layer.get("default", {}), **like, **layer.get(rule, {})})
-    return merged
-
-
-def job_resources(wildcards, rule):
-    return chain_resources(job_chain(wildcards), rule, pair_of(wildcards))
-
-
-def launchers(entry):
-    """torchrun launchers of a job: `tasks`, else one per node."""
-    return entry.get("tasks", entry.get("nodes", 1))
-
-
-def ranks(entry):
-    """Training processes of a job: a torchrun rank per GPU of each launcher (one on CPU)."""
-    return launchers(entry) * max(entry.get("gpu", 0), 1)
-
-
-def snakemake_resources(entry):
-    """An entry as Snakemake resources. A job of several launchers is an `mpi` job to the SLURM plugin: its
-    batch script runs the rule's shell command as it is (no `srun -n1` around it), whose own srun starts the
-    launchers; its GPUs are asked per node (gres), not as a total, and not one task per GPU."""
-    resources = {k: v for k, v in entry.items() if k not in PLAN_ONLY}
-    if launchers(entry) > 1:
-        gpus = resources.pop("gpu", 0)
-        resources.update(tasks=launchers(entry), mpi="srun", tasks_per_gpu=0, **({"gres": f"gpu:{gpus}"} if gpus else {}))
-    return resources
-
-
-def rule_resources(rule):
-    """The `resources:` of a rule: one function of the job's wildcards per resource any chain or pair gives it,
-    reading the job's own. A job that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
-    entries = [chain_resources(chain, rule, pair) for chain in CHAINS for pair in (None, *CHAINS[chain]["resources"].get("pairs", {}))]
-    names = {name for entry in entries for name in snakemake_resources(entry)}
-
-    def resource(name):
-        fallback = 1000 if name == "mem_mb" else None  # Snakemake refuses None for a sized resource
-        return lambda wildcards: snakemake_resources(job_resources(wildcards, rule)).get(name, fallback)
-
-    return {name: resource(name) for name in sorted(names)}
-
-
-def rule_threads(rule):
-    """`threads:` of a rule that computes: the job's `cpus_per_task` where its chain's resources give one (what SLURM
-    allots each task), else all of --cores (on a cluster, a profile's `cores:`; 1 without either; inside a SLURM job or
-    allocation its CPUs per task, so a job's threads there are those it was submitted with). Snakemake caps it
-    at --cores and --max-threads, `--set-threads RULE=N` overrides it, a job waits until its threads are free (on
-    --cores 2: two 1-thread jobs at once, or one of 2), and the SLURM plugin asks for cpus_per_task = threads where
-    the config sets none. Each step runs torch on exactly these (--threads; steps.artifacts.use_threads)."""
-
-    def threads(wildcards):
-        given = job_resources(wildcards, rule).get("cpus_per_task")
-        if given:
-            return given
-        submitting = getattr(workflow.executor_plugin, "name", "") == "slurm"
-        if not submitting and "SLURM_CPUS_PER_TASK" in os.environ:  # inside a SLURM job: the CPUs it was given
-            return int(os.environ["SLURM_CPUS_PER_TASK"])
-        return workflow.resource_settings.cores or 1
-
-    return threads
-
-
-def on_cluster():
-    """Whether jobs run under SLURM (submitted from here, or this is one), or nothing runs (a dry run)."""
-    name = getattr(workflow.executor_plugin, "name", "")  # snakemake-executor-plugin-slurm, or -slurm-jobstep in a job
-    return workflow.dryrun or "slurm" in name or "SLURM_JOB_ID" in os.environ
-
-
-def launcher(rule, data_parallel=False):
-    """Param function: how a rule starts its step: with any GPU behind steps.gpus, which gives a local job
-    devices no other job holds; a training rule (`data_parallel`) with several GPUs through torchrun, and
-    with several launchers (nodes) through srun, one torchrun per node meeting at a c10d rendezvous
-    (steps/distributed.py). Training and quantization jobs are checked against the memory plan first."""
-
-    def launch(wildcards):
-        entry = job_resources(wildcards, rule)
-        gpus, tasks = entry.get("gpu", 0), launchers(entry)
-        if rule in PLANNED:
-            memory_plan(rule, wildcards, entry)
-        if tasks > 1:
-            if not data_parallel:
-                raise ValueError(f"resources of {rule} ask for {tasks} nodes or tasks, but {rule} runs one process: "
-                                 f"give it nodes: 1 (only distill and recover train across nodes)")
-            if not on_cluster():
-                raise ValueError(f"{rule} {job_label(wildcards)} asks for {tasks} nodes or tasks (resources `nodes`/`tasks`), "
-                                 "which a local run cannot give: submit it with --profile profiles/slurm, or give it "
-                                 "nodes: 1 for this machine")
-            return (f"srun --ntasks {tasks} --kill-on-bad-exit=1 python -m steps.distributed slurm-torchrun "
-                    f"--nproc-per-node {max(gpus, 1)} -m")
-        command = f"torchrun --standalone --nproc-per-node {gpus} -m" if data_parallel and gpus > 1 else "python -m"
-        return f"python -m steps.gpus run --count {gpus} -- {command}" if gpus else command
-
-    return launch
-
-
-def job_label(wildcards):
-    names = wildcards.keys()
-    pair = pair_of(wildcards) or getattr(wildcards, "alias", "") or getattr(wildcards, "teacher", "")
-    recipe = f" ({wildcards.recipe})" if "recipe" in names and wildcards.recipe != DEFAULT_RECIPE else ""
-    return pair + (f" {wildcards.quant}" if "quant" in names else "") + recipe
-
-
-# ---------------------------------------------------------------- memory plan (steps/memory.py)
-
-PLANNED = ("distill", "recover", "quantize")
 PLAN_READS = {"recover": "pruned", "quantize": "recovered"}  # the chain model a job reads: once built, its config.json
 
 
@@ -267,6 +138,8 @@ def job_estimate(rule, wildcards, entry):
 
 @functools.cache
 def log_once(line):  # a param function runs more than once per job
+    from snakemake.logging import logger
+
     logger.info(line)
 
 
@@ -297,8 +170,8 @@ def gib(size):
 
 def profile_default(name):
     """A plain number a profile's `default-resources:` (or --default-resources) gives `name`, else None."""
-    defaults = workflow.resource_settings.default_resources
-    value = defaults.get(name) if defaults is not None else None
+    given = resources.workflow.resource_settings.default_resources
+    value = given.get(name) if given is not None else None
     value = getattr(value, "value", value)  # a Resource, in Snakemake's parsed form
     return value if isinstance(value, int) else None
 

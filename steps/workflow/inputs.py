@@ -1,0 +1,215 @@
+"""The rules' input and param functions: each takes a job's wildcards and returns paths, or settings as JSON.
+
+A param function reads only `wildcards`: Snakemake does not compare a param function that takes `input` or
+`output` with the one recorded (it counts it as derived from paths), so a changed setting would rerun nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from steps.data import FORMAT_FIELDS
+from steps.workflow.chains import (
+    CHAINS, DATASET_CHAIN, DEFAULT_RECIPE, all_targets, chain_of, dataset_of, dataset_source, job_chain, model_spec,
+    quant_method, section,
+)
+from steps.workflow.paths import (
+    STAGE_OF, TARGET, as_json, base_dir, chain_dir, chain_evals, check_owner, data_dir, job_path, logit_cache_dir,
+    prune_source, raw_dir, stage_owner, tokenizer_dir,
+)
+
+KD_LOSS_KEYS = ("loss", "temperature", "kd_weight", "jsd_beta", "logit_cache")  # what recover's kd objective takes
+
+
+def base_inputs(wildcards):
+    spec = model_spec(wildcards.alias)
+    inputs = {}
+    if "gguf" in spec:  # an input: replacing or editing the file rebuilds the base model
+        inputs["gguf"] = spec["gguf"]
+    if "scratch" in spec:
+        inputs["tokenizer"] = tokenizer_dir(wildcards.alias)
+        if spec.get("pretrain"):
+            inputs["data"] = data_dir(wildcards.alias)
+    return inputs
+
+
+def prune_inputs(wildcards):
+    """The source model, and calibration data from the chain's dataset in the source's tokens."""
+    source = prune_source(wildcards.alias)
+    return {"model": base_dir(source), "data": data_dir(source)}
+
+
+def base_args(wildcards, input):
+    return " ".join(f"--{name} {path}" for name, path in input.items() if name != "gguf")  # the spec names the file
+
+
+def tokenizer_raw(wildcards):
+    spec = model_spec(wildcards.alias)["tokenizer"]
+    return raw_dir(spec.get("dataset", dataset_of(wildcards.alias)))
+
+
+def distill_inputs(wildcards):
+    inputs = {
+        "teacher": base_dir(wildcards.teacher),
+        "student": base_dir(wildcards.student),
+        "data": data_dir(wildcards.teacher),
+    }
+    logits = logit_cache_dir(job_chain(wildcards), wildcards.recipe, wildcards.teacher)
+    return {**inputs, "logits": logits} if logits else inputs
+
+
+def recover_kd(chain, recipe):
+    """The distill settings recover's `objective: kd` uses, or None for plain next-token recovery."""
+    if section(chain, recipe, "recover").get("objective", "lm") != "kd":
+        return None
+    return {key: value for key, value in section(chain, recipe, "distill").items() if key in KD_LOSS_KEYS}
+
+
+def recover_inputs(wildcards):
+    """The pruned model and data; with `objective: kd` also the chain's teacher and its logit cache, if any."""
+    inputs = {"model": upstream("pruned")(wildcards), "data": chain_data(wildcards)}
+    chain = job_chain(wildcards)
+    if recover_kd(chain, wildcards.recipe) is None:
+        return inputs
+    inputs["teacher"] = base_dir(wildcards.teacher)
+    logits = logit_cache_dir(chain, wildcards.recipe, wildcards.teacher)
+    return {**inputs, "logits": logits} if logits else inputs
+
+
+def kd_settings(wildcards):
+    """Param: recover's --kd JSON (`{}` for `objective: lm`). Apart from the paths in `kd_inputs`: Snakemake
+    never compares a param function that reads `input` or `output`, so a settings change would not rerun."""
+    return as_json(recover_kd(job_chain(wildcards), wildcards.recipe) or {})
+
+
+def kd_inputs(wildcards, input):
+    """--teacher/--logits of recover's kd objective; empty for `objective: lm`."""
+    return f"--teacher {input.teacher} {cache_args(wildcards, input)}" if "teacher" in input.keys() else ""
+
+
+def upstream(stage):
+    """Input function: the previous stage's model directory of the same chain."""
+
+    def model(wildcards):
+        return chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, stage)
+
+    return model
+
+
+def chain_data(wildcards):
+    return data_dir(wildcards.teacher)
+
+
+def eval_model(wildcards):
+    return chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, wildcards.stage)
+
+
+def base_eval_inputs(wildcards):
+    return {"model": base_dir(wildcards.alias), "data": f"data/{dataset_of(wildcards.alias)}/{wildcards.data}"}
+
+
+def report_inputs(wildcards):
+    recipe = getattr(wildcards, "recipe", DEFAULT_RECIPE)
+    return chain_evals(recipe, wildcards.teacher, wildcards.student, wildcards.quant)
+
+
+def cache_args(wildcards, input):
+    return f"--logits {input.logits}" if "logits" in input.keys() else ""
+
+
+def report_args(wildcards, input):
+    """The chain's evaluations, its target, and the training logs whose curves the page draws (when present)."""
+    recipe, chain = getattr(wildcards, "recipe", DEFAULT_RECIPE), job_chain(wildcards)
+    pair = f"{wildcards.teacher}_{wildcards.student}"
+    args = [f"--eval {name}={path}" for name, path in input.items()]
+    args.append(f"--target {recipe}/{wildcards.teacher}/{wildcards.student}/{wildcards.quant}")
+    args += [
+        f"--curves {step}=logs/{step}/{stage_owner(chain, recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
+        for step in ("distill", "recover")
+    ]
+    return " ".join(args)
+
+
+def malformed_target(wildcards):
+    raise ValueError(
+        f"results/{wildcards.name}.eval is not a target: name it results/[{{recipe}}/]{{teacher}}_{{student}}_{{quant}}.eval "
+        "(aliases, recipes and quant methods of letters, digits, `.` and `-`; `_` separates the fields)"
+    )
+
+
+def built_results():
+    """The `.eval` files already under results/ besides the configured targets, with their modification times.
+    The summary reads them but never rebuilds them (one made with another config would be rebuilt with this
+    one's settings); rewriting one changes this param, which refreshes the summary."""
+    targets = set(all_targets())
+    return {
+        path: os.stat(path).st_mtime_ns
+        for path in sorted(glob.glob("results/**/*.eval", recursive=True))
+        if TARGET.fullmatch(path) and path not in targets
+    }
+
+
+def settings_for(name):
+    """Param function: the recipe-merged settings of a section, as JSON for the step's --settings. A path of
+    a stage that another recipe's directory holds is refused here, where every chain rule passes."""
+
+    def settings(wildcards):
+        chain = job_chain(wildcards)
+        values = section(chain, wildcards.recipe, name)
+        if name == "quantize":
+            values = quant_method(chain, wildcards.recipe, wildcards.quant)
+            stage = f"quant/{wildcards.quant}"
+        else:
+            stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
+        evaluated = name == "evaluate"
+        check_owner(chain, wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
+        return as_json(values)
+
+    return settings
+
+
+def model_spec_json(wildcards):
+    return as_json(model_spec(wildcards.alias))
+
+
+def alias_prune_settings(wildcards):
+    """A pruned alias's own `prune:` entry (PruneSettings defaults fill the rest; the chain's `prune:` section
+    is not merged in, so a chain setting never rebuilds a base model)."""
+    return as_json(model_spec(wildcards.alias)["prune"])
+
+
+def tokenizer_settings(wildcards):
+    """The tokenizer learns the text `prepare` will tokenize: its dataset's format fields go with it."""
+    spec, chain = model_spec(wildcards.alias)["tokenizer"], chain_of(wildcards.alias)
+    dataset = spec.get("dataset", dataset_of(wildcards.alias))
+    entry = CHAINS[chain]["datasets"].get(dataset, {})
+    return as_json({"dataset": dataset, **spec, **{k: entry[k] for k in FORMAT_FIELDS if k in entry}})
+
+
+def fetched_dataset(wildcards):
+    """fetch_data's dataset entry, from the first chain that defines it (every such chain agrees on its source)."""
+    return CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]
+
+
+def local_source(wildcards):
+    """A `path:` dataset is an input, so editing the local file fetches it again."""
+    spec = fetched_dataset(wildcards)
+    return [spec["path"]] if "path" in spec else []
+
+
+def dataset_spec(wildcards):
+    """The source only: editing a dataset's format fields re-prepares, never re-fetches."""
+    return as_json(dataset_source(fetched_dataset(wildcards)))
+
+
+def prepare_settings(wildcards):
+    """The chain's preprocessing settings plus its dataset's own format fields."""
+    chain = chain_of(wildcards.alias)
+    data = {k: v for k, v in CHAINS[chain]["data"].items() if k != "dataset"}
+    spec = CHAINS[chain]["datasets"][wildcards.dataset]
+    return as_json({**data, **{k: spec[k] for k in FORMAT_FIELDS if k in spec}})
+
+
+def alias_tokenizer(wildcards):
+    return tokenizer_dir(wildcards.alias)

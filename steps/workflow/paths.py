@@ -1,0 +1,173 @@
+"""Where each model, dataset and evaluation lives, and which recipe's directory holds a shared stage.
+
+Sharing across recipes: a chain stage's model is made by the settings of its own section and of every
+section before it. Two recipes that agree on those share the stage: its directory carries the name of the
+first of them, the default first and then by name, so a recipe that only changes `recover:` reads the
+default's distilled and pruned models instead of training them again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+
+from steps.workflow import chains
+from steps.workflow.chains import CHAINS, DEFAULT_RECIPE, dataset_of, model_spec, pair_chain, quant_method, recipe_overrides, section
+
+NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
+TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
+CHAIN_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
+STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  # the model each training step makes
+
+
+def one_of(names):
+    """A regular expression matching exactly these names (none: nothing)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+def pruned_aliases(pruned=True):
+    """Aliases made by pruning another one (`prune_of:`), or the others: with these as the two rules'
+    constraints, `models/base/{alias}` has one producer, prune_model or base_model."""
+    return one_of(alias for alias, spec in chains.MODELS.items() if ("prune_of" in spec) == pruned)
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+def raw_dir(dataset):
+    return f"data/{dataset}/raw"
+
+
+def data_dir(alias):
+    """Chain data: the configured dataset, tokenized with `alias`'s tokenizer.
+
+    A derived alias keeps the tokenizer of its chain's student, and a pruned alias its source's, so
+    each reads that model's data instead of tokenizing the same text again after the upstream jobs.
+    """
+    if "from" in model_spec(alias):
+        return data_dir(model_spec(alias)["from"].partition("_")[2])
+    if "prune_of" in model_spec(alias):
+        return data_dir(prune_source(alias))
+    return f"data/{dataset_of(alias)}/{alias}"
+
+
+def prune_source(alias):
+    """The alias that `alias` is pruned from: a known one, and not `alias` again down a `prune_of` line."""
+    line = [alias]
+    while "prune_of" in model_spec(line[-1]):
+        line.append(model_spec(line[-1])["prune_of"])
+        if line[-1] in line[:-1]:
+            raise ValueError(f"model alias {alias!r} is pruned from itself: {' -> '.join(line)} (fix its `prune_of:`)")
+    return line[1]
+
+
+def tokenizer_dir(alias):
+    spec = model_spec(alias)
+    if "prune_of" in spec:  # pruning keeps the vocabulary: the source's tokenizer, ready before pruning
+        return tokenizer_dir(prune_source(alias))
+    if "scratch" in spec:
+        tokenizer = spec.get("tokenizer", {})
+        return tokenizer_dir(tokenizer["from"]) if "from" in tokenizer else f"models/tokenizer/{alias}"
+    return base_dir(alias)
+
+
+def base_dir(alias):
+    spec = model_spec(alias)
+    if "path" in spec:
+        if not os.path.isdir(spec["path"]):
+            raise ValueError(f"model alias {alias!r}: its path {spec['path']} is not a directory (fix its `path:`)")
+        return spec["path"]
+    if "from" in spec:  # a derived alias: another chain's stage output (chain distillation)
+        teacher, _, student = spec["from"].partition("_")
+        return chain_dir(spec.get("recipe", DEFAULT_RECIPE), teacher, student, spec.get("stage", "recovered"))
+    return f"models/base/{alias}"
+
+
+def logit_cache_dir(chain, recipe, teacher):
+    """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
+    teacher, dataset, k and dtype only: every student and recipe with those shares one cache."""
+    cache = section(chain, recipe, "distill").get("logit_cache", {})
+    if not cache.get("top_k"):
+        return None
+    return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
+
+
+# ---------------------------------------------------------------- sharing across recipes
+
+
+@functools.cache
+def stage_key(chain, recipe, stage, evaluated=False):
+    """What makes `recipe`'s `stage` model (and, `evaluated`, its evaluation), as canonical JSON."""
+    if stage.startswith("quant/"):
+        methods = section(chain, recipe, "quantize")["methods"]
+        settings = {"upstream": stage_key(chain, recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
+    elif stage == "base":  # a base model's evaluation: the same model in every recipe
+        settings = {}
+    else:
+        settings = {name: section(chain, recipe, name) for name in CHAIN_SECTIONS[stage]}
+    if evaluated:
+        settings["evaluate"] = section(chain, recipe, "evaluate")
+    return as_json(settings)
+
+
+@functools.cache
+def stage_owner(chain, recipe, stage, evaluated=False):
+    """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
+    key = stage_key(chain, recipe, stage, evaluated)
+    recipes = (DEFAULT_RECIPE, *sorted(CHAINS[chain]["recipes"]))
+    return next(r for r in recipes if r == recipe or stage_key(chain, r, stage, evaluated) == key)
+
+
+chains._cleared_on_load += [stage_key, stage_owner]
+
+
+def check_owner(chain, recipe, stage, path, evaluated=False):
+    """An explicit path of a stage that another recipe's directory holds is refused, naming that directory
+    (building it again would give the same model twice)."""
+    owner = stage_owner(chain, recipe, stage, evaluated)
+    if owner != recipe:
+        raise ValueError(
+            f"{path} is not built: recipe {recipe!r} has the settings of {owner!r} up to this stage, so it reads "
+            f"{path.replace(f'/{recipe}/', f'/{owner}/', 1)} (ask for that path)"
+        )
+
+
+def chain_dir(recipe, teacher, student, stage):
+    chain = pair_chain(teacher, student)
+    recipe_overrides(chain, recipe)  # fail early on an unknown recipe
+    return f"models/{stage_owner(chain, recipe, stage)}/{teacher}_{student}/{stage}"
+
+
+def base_eval(chain, recipe, alias, data):
+    """The evaluation of base model `alias` on the chain data `data/{dataset}/{data}`: one file for every pair
+    and recipe that uses it (the recipes with the same `evaluate:` section), and one for a teacher that is
+    also the student."""
+    return f"evals/{stage_owner(chain, recipe, 'base', evaluated=True)}/base/{data}/{alias}.json"
+
+
+def chain_evals(recipe, teacher, student, quant):
+    """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
+    itself: its evaluation, not a second one."""
+    chain, data = pair_chain(teacher, student), data_dir(teacher).rpartition("/")[2]
+    quantized = "recovered" if quant_method(chain, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
+    stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
+    return {
+        "teacher": base_eval(chain, recipe, teacher, data),
+        "student": base_eval(chain, recipe, student, data),
+        **{
+            name: f"evals/{stage_owner(chain, recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
+            for name, stage in stages.items()
+        },
+    }
+
+
+def job_path(wildcards, stage, evaluated):
+    """The output of a chain rule's job (a model directory, or its evaluation), rebuilt from its wildcards."""
+    if stage == "base":
+        return f"evals/{wildcards.recipe}/base/{wildcards.data}/{wildcards.alias}.json"
+    chain = f"{wildcards.recipe}/{wildcards.teacher}_{wildcards.student}/{stage}"
+    return f"evals/{chain}.json" if evaluated else f"models/{chain}"
+
