@@ -1,4 +1,5 @@
-"""The default of a settings dataclass field, read from its module's source without importing it.
+"""The default of a settings dataclass field (or a module's constant), read from its module's source without
+importing it.
 
 The workflow's planning (the memory plan in steps/workflow/plan.py) needs the defaults of the settings a chain
 leaves out, and the stage modules that define them import torch and transformers (3 s, 400 MB): a dry run or a
@@ -29,14 +30,28 @@ def default(settings_class: str, field: str):
                          f"without importing torch; write it as a literal") from None
 
 
+def constant(module: str, name: str):
+    """The literal value of the module-level assignment `name = ...` in `module` ("steps.data")."""
+    source, tree = parsed(module)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(f"no module-level {name} in {source}")
+
+
 @functools.cache
-def class_fields(settings_class: str) -> dict[str, ast.expr]:
-    module, _, name = settings_class.rpartition(".")
+def parsed(module: str) -> tuple[Path, ast.Module]:
     parts = module.split(".")[1:]  # below steps/
     source = STEPS.joinpath(*parts).with_suffix(".py")
     if not source.is_file():
         source = STEPS.joinpath(*parts, "__init__.py")
-    tree = ast.parse(source.read_text(encoding="utf-8"))
+    return source, ast.parse(source.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def class_fields(settings_class: str) -> dict[str, ast.expr]:
+    module, _, name = settings_class.rpartition(".")
+    source, tree = parsed(module)
     body = next((node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name), None)
     if body is None:
         raise KeyError(f"no class {name} in {source}")

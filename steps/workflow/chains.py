@@ -26,11 +26,14 @@ import tempfile
 
 import yaml
 
-from steps.data import FORMAT_FIELDS  # stdlib-only at import time, like steps.fingerprint
+from steps import defaults
 
 MODEL_SOURCES = ("scratch", "hub", "gguf", "path", "from", "prune_of")
 TOP = ""  # the chain of the config's top level
 DEFAULT_RECIPE = "default"
+# A dataset's fields that say how its text is read, not where it comes from; read from steps/data.py's source
+# (importing the data stage would cost every dry run its imports).
+FORMAT_FIELDS = defaults.constant("steps.data", "FORMAT_FIELDS")
 
 # Filled by load(): chain name -> its validated settings (TOP: the config itself), alias -> its chain,
 # dataset name -> the first chain that defines it, alias -> its `models:` entry.

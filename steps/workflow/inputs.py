@@ -9,9 +9,8 @@ from __future__ import annotations
 import glob
 import os
 
-from steps.data import FORMAT_FIELDS
 from steps.workflow.chains import (
-    CHAINS, DATASET_CHAIN, DEFAULT_RECIPE, all_targets, chain_of, dataset_of, dataset_source, job_chain, model_spec,
+    CHAINS, DATASET_CHAIN, DEFAULT_RECIPE, FORMAT_FIELDS, all_targets, chain_of, dataset_of, dataset_source, job_chain, model_spec,
     quant_method, section,
 )
 from steps.workflow.paths import (
