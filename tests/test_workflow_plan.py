@@ -1,0 +1,114 @@
+"""The planning package (steps/workflow/) on the project's own configs, without Snakemake running: targets,
+paths, recipe sharing, chain lookup, resources per pair, threads and the memory plan's refusal."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import yaml
+from conftest import REPO
+
+from steps.workflow import chains, inputs, paths, plan, resources
+
+DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+class Wildcards(types.SimpleNamespace):
+    """What Snakemake hands an input function: attributes, and keys()."""
+
+    def keys(self):
+        return vars(self).keys()
+
+
+@pytest.fixture
+def demo(monkeypatch):
+    """The demo config with its chains loaded, and a local Snakemake run on 2 cores."""
+    config = copy.deepcopy(DEMO)
+    chains.load(config, str(REPO))
+    workflow = types.SimpleNamespace(executor_plugin=types.SimpleNamespace(name="local"), dryrun=False,
+                                     resource_settings=types.SimpleNamespace(cores=2, default_resources=None))
+    monkeypatch.setattr(resources, "workflow", workflow)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    return config
+
+
+def test_targets_parse_into_their_fields():
+    match = paths.TARGET.fullmatch("results/lora16/teacher_student_int8.eval")
+    assert match.groupdict() == {"recipe": "lora16", "teacher": "teacher", "student": "student", "quant": "int8"}
+    assert paths.TARGET.fullmatch("results/teacher_student_int8.eval")["recipe"] is None
+    assert paths.TARGET.fullmatch("results/teacher_student.eval") is None
+    assert paths.TARGET.fullmatch("results/tea_cher_student_int8.eval") is None  # `_` only separates fields
+
+
+def test_each_alias_belongs_to_its_chain(demo):
+    assert chains.chain_of("teacher") == chains.TOP
+    assert chains.chain_of("llama7b") == "llama"
+    assert chains.job_chain(Wildcards(teacher="llama7b", student="1b", recipe="default")) == "llama"
+    assert chains.job_chain(Wildcards(dataset="stdlib")) == chains.TOP
+    with pytest.raises(ValueError, match="pairs aliases of two chains.*define both aliases in one chain"):
+        chains.pair_chain("teacher", "llama7b")
+    with pytest.raises(ValueError, match="unknown model alias 'nope'.*add it under `models:`"):
+        chains.chain_of("nope")
+
+
+def test_a_chain_fills_its_gaps_from_the_schema_not_from_the_demo(demo):
+    assert chains.CHAINS["llama"]["data"]["dataset"] != demo["data"]["dataset"]
+    assert chains.CHAINS["smollm2"]["models"].keys().isdisjoint(demo["models"])
+
+
+def test_every_stage_gets_its_paths(demo):
+    assert paths.data_dir("teacher") == "data/stdlib/teacher"
+    assert paths.tokenizer_dir("student") == "models/tokenizer/teacher"  # the demo's student shares its tokenizer
+    assert paths.base_dir("teacher") == "models/base/teacher"
+    assert paths.chain_dir("default", "teacher", "student", "pruned") == "models/default/teacher_student/pruned"
+    evals = paths.chain_evals("default", "teacher", "student", "int8")
+    assert evals == {
+        "teacher": "evals/default/base/teacher/teacher.json", "student": "evals/default/base/teacher/student.json",
+        "distilled": "evals/default/teacher_student/distilled.json", "pruned": "evals/default/teacher_student/pruned.json",
+        "recovered": "evals/default/teacher_student/recovered.json", "quantized": "evals/default/teacher_student/quant/int8.json",
+    }
+    wildcards = Wildcards(teacher="teacher", student="student", recipe="default")
+    assert inputs.distill_inputs(wildcards) == {"teacher": "models/base/teacher", "student": "models/base/student",
+                                                "data": "data/stdlib/teacher"}
+
+
+def test_a_recipe_owns_only_the_stages_it_changes(demo):
+    # lora16 changes recover: it reads the default's distilled and pruned models and builds its own recovered one
+    assert paths.stage_owner(chains.TOP, "lora16", "pruned") == "default"
+    assert paths.stage_owner(chains.TOP, "lora16", "recovered") == "lora16"
+    assert paths.chain_dir("lora16", "teacher", "student", "pruned") == "models/default/teacher_student/pruned"
+    settings = inputs.settings_for("prune")
+    with pytest.raises(ValueError, match="recipe 'lora16' has the settings of 'default'.*models/default/teacher_student/pruned"):
+        settings(Wildcards(teacher="teacher", student="student", recipe="lora16"))
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; known: lora16"):
+        paths.chain_dir("nope", "teacher", "student", "pruned")
+
+
+def test_a_pair_takes_its_own_resources_over_the_rules(demo):
+    assert resources.chain_resources("llama", "distill")["gpu"] == 1
+    pair = resources.chain_resources("llama", "distill", "llama13b_llama7b")
+    assert (pair["nodes"], pair["gpu"], pair["cpus_per_task"], pair["slurm_partition"]) == (2, 8, 64, "gpu")
+    assert resources.ranks(pair) == 16
+    assert resources.snakemake_resources(pair)["gres"] == "gpu:8" and "gpu_mem_mb" not in resources.snakemake_resources(pair)
+    # the teacher's cache runs like distill, but as one process: not across the pair's nodes
+    cache = resources.chain_resources("llama", "teacher_logits", "llama13b_llama7b")
+    assert "nodes" not in cache and cache["gpu"] == 8
+
+
+def test_threads_follow_cpus_per_task_else_the_cores(demo, monkeypatch):
+    assert resources.rule_threads("distill")(Wildcards(teacher="teacher", student="student", recipe="default")) == 2
+    assert resources.rule_threads("distill")(Wildcards(teacher="llama7b", student="1b", recipe="default")) == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # inside a SLURM job: what it was given
+    assert resources.rule_threads("evaluate")(Wildcards(teacher="teacher", student="student", recipe="default", stage="pruned")) == 3
+
+
+def test_the_memory_plan_refuses_a_job_that_cannot_fit(demo):
+    wildcards = Wildcards(teacher="llama7b", student="1b", recipe="default")
+    entry = {**resources.job_resources(wildcards, "distill"), "gpu_mem_mb": 4000}
+    with pytest.raises(ValueError, match=r"memory plan: distill llama7b_1b needs about .* GiB per GPU but its resources "
+                                         r"give 3.9 GiB \(1 GPU\); shard it over more GPUs"):
+        plan.memory_plan("distill", wildcards, entry)
+    assert plan.job_estimate("distill", wildcards, resources.job_resources(wildcards, "distill")).total < 81920 * 2**20
