@@ -8,6 +8,9 @@ config's held-out test tokens and window (context, stride), side by side in one 
   with one window and logits only where scored, and with `--batch-sizes` windows per forward, alternating,
   best of `--repeats` each; the speedup over before (target >= 3x on CPU for the demo student at the
   config's batch_size) and the ratio of the perplexities (must be 1);
+- the ceiling: each setting's arithmetic (torch's FLOP counter: matmuls and attention) and the rate of this
+  machine's fp32 matmul on the model's widest layer, at the same threads: the fastest any schedule of the
+  batched pass's arithmetic could run, as a speedup over before (where it is below 3x, so is the target);
 - parity: lm-eval's rolling log-likelihood perplexity (HFLM.loglikelihood_rolling, max_length L) of the
   text of the first `--parity-tokens` test tokens, against ours on the same tokens with lm-eval's windowing
   (a prefix token, context L + 1, stride L); target: ratio within 1e-3 of 1. lm-eval's time is shown too.
@@ -44,6 +47,30 @@ def timed_perplexity(model, ids, labels, context, stride, batch_size) -> tuple[f
     t0 = time.perf_counter()
     result = perplexity(model, ids, labels, context=context, stride=stride, batch_size=batch_size)
     return result["perplexity"], time.perf_counter() - t0
+
+
+def counted_gflop(runner, ids, labels, context, stride, batch_size) -> float:
+    """The arithmetic of one perplexity pass, in GFLOP (matmuls and attention, as torch counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        perplexity(runner, ids, labels, context=context, stride=stride, batch_size=batch_size)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(model, rows: int, seconds: float = 1.0) -> float:
+    """This machine's fp32 matmul rate (GFLOP/s, best of several) on the model's widest linear layer with
+    `rows` rows, at torch's current threads: what the model's own matmuls can reach at best."""
+    weight = max((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), key=lambda w: w.numel())
+    x = torch.randn(rows, weight.shape[1])
+    flop, best, end = 2 * rows * weight.numel(), 0.0, time.perf_counter() + seconds
+    with torch.no_grad():
+        torch.nn.functional.linear(x, weight)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            best = max(best, flop / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def main(argv=None) -> None:
@@ -88,6 +115,18 @@ def main(argv=None) -> None:
             best[name] = min(best[name], seconds)
             print(f"repeat {repeat + 1}: {name!s:>9}: {seconds:6.2f} s, perplexity {ppl[name]:.4f}", flush=True)
 
+    # The ceiling: how fast the batched pass's arithmetic could go on this machine, against before's time.
+    default_batch = evaluation.get("batch_size", 8)
+    gflop = {name: counted_gflop(runner, ids, labels, context, stride, b)
+             for name, (runner, b, _) in settings.items() if name in ("before", default_batch)}
+    rate = matmul_gflops(model, rows=default_batch * context)
+    fastest = gflop.get(default_batch, gflop["before"]) / rate
+    ceiling = best["before"] / fastest
+    print(f"arithmetic: before {gflop['before']:.1f} GFLOP ({gflop['before'] / best['before']:.0f} GFLOP/s), batched "
+          f"{gflop.get(default_batch, float('nan')):.1f} GFLOP; fp32 matmul here, {args.threads} threads, the widest layer at "
+          f"{default_batch * context} rows: {rate:.0f} GFLOP/s. At that rate the batched pass would take {fastest:.2f} s: "
+          f"at most {ceiling:.2f}x before")
+
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -106,15 +145,18 @@ def main(argv=None) -> None:
              "speedup": round(best["before"] / best[name], 2), "vs_before_1t": round(best["before-1t"] / best[name], 2),
              "ppl_ratio": round(ppl[name] / ppl["before"], 7)}
             for name in settings]
+    for row in rows:
+        row["GFLOP/s"] = round(gflop[row["windows/forward"]] / best[row["windows/forward"]]) if row["windows/forward"] in gflop else ""
     print(table(rows))
     parity = ours / theirs
     print(f"parity on {len(tokens):,} tokens, lm-eval max_length {context - 1}: ours {ours:.4f} ({ours_s:.2f} s), "
           f"lm-eval {theirs:.4f} ({lm_eval_s:.2f} s): ratio {parity:.7f}")
-    default_batch = evaluation.get("batch_size", 8)
     speedup = best["before"] / best[default_batch] if default_batch in best else max(best["before"] / t for t in best.values())
     print(f"target: batched (config's batch_size {default_batch}) >= 3x before, both on {args.threads} threads: "
           f"{speedup:.2f}x {'met' if speedup >= 3 else 'MISSED'}; against the one-thread loop evaluate jobs ran "
           f"before: {best['before-1t'] / best[default_batch]:.2f}x" if default_batch in best else "")
+    print(f"ceiling: no schedule of the batched pass's arithmetic beats before by more than {ceiling:.2f}x on this "
+          f"machine at {args.threads} threads ({'below' if ceiling < 3 else 'above'} the 3x target)")
     print(f"target: |ours / lm-eval - 1| <= 1e-3: {abs(parity - 1):.1e} {'met' if abs(parity - 1) <= 1e-3 else 'MISSED'}")
     name = "eval_speed" if args.config == "config/config.yaml" else f"eval_speed_{args.config.split('/')[-1].removesuffix('.yaml')}"
     path = save(
@@ -122,9 +164,11 @@ def main(argv=None) -> None:
         inputs={"config": args.config, "model": model_dir, "tokens": len(ids), "context": context, "stride": stride,
                 "repeats": args.repeats, "parity_tokens": len(tokens), "threads": args.threads},
         raw={"seconds": {str(k): v for k, v in best.items()}, "perplexity": {str(k): v for k, v in ppl.items()},
-             "parity": {"ours": ours, "lm_eval": theirs, "ours_s": ours_s, "lm_eval_s": lm_eval_s}},
+             "parity": {"ours": ours, "lm_eval": theirs, "ours_s": ours_s, "lm_eval_s": lm_eval_s},
+             "gflop": {str(k): v for k, v in gflop.items()}, "matmul_gflops": rate},
         ratios={"speedup": {str(k): round(best["before"] / v, 3) for k, v in best.items()},
-                "speedup_vs_before_1t": {str(k): round(best["before-1t"] / v, 3) for k, v in best.items()}, "parity": parity},
+                "speedup_vs_before_1t": {str(k): round(best["before-1t"] / v, 3) for k, v in best.items()}, "parity": parity,
+                "ceiling": round(ceiling, 3)},
     )
     print(f"wrote {path}")
 
