@@ -9,17 +9,16 @@ import types
 import pytest
 import yaml
 from conftest import REPO
+from snakemake.iocontainers import Wildcards
 
 from steps.workflow import chains, inputs, paths, plan, resources
 
 DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-class Wildcards(types.SimpleNamespace):
-    """What Snakemake hands an input function: attributes, and keys()."""
-
-    def keys(self):
-        return vars(self).keys()
+def wildcards(**values):
+    """What Snakemake hands an input function."""
+    return Wildcards(fromdict=values)
 
 
 @pytest.fixture
@@ -47,8 +46,8 @@ def test_targets_parse_into_their_fields():
 def test_each_alias_belongs_to_its_chain(demo):
     assert chains.chain_of("teacher") == chains.TOP
     assert chains.chain_of("llama7b") == "llama"
-    assert chains.job_chain(Wildcards(teacher="llama7b", student="1b", recipe="default")) == "llama"
-    assert chains.job_chain(Wildcards(dataset="stdlib")) == chains.TOP
+    assert chains.job_chain(wildcards(teacher="llama7b", student="1b", recipe="default")) == "llama"
+    assert chains.job_chain(wildcards(dataset="stdlib")) == chains.TOP
     with pytest.raises(ValueError, match="pairs aliases of two chains.*define both aliases in one chain"):
         chains.pair_chain("teacher", "llama7b")
     with pytest.raises(ValueError, match="unknown model alias 'nope'.*add it under `models:`"):
@@ -71,8 +70,8 @@ def test_every_stage_gets_its_paths(demo):
         "distilled": "evals/default/teacher_student/distilled.json", "pruned": "evals/default/teacher_student/pruned.json",
         "recovered": "evals/default/teacher_student/recovered.json", "quantized": "evals/default/teacher_student/quant/int8.json",
     }
-    wildcards = Wildcards(teacher="teacher", student="student", recipe="default")
-    assert inputs.distill_inputs(wildcards) == {"teacher": "models/base/teacher", "student": "models/base/student",
+    job = wildcards(teacher="teacher", student="student", recipe="default")
+    assert inputs.distill_inputs(job) == {"teacher": "models/base/teacher", "student": "models/base/student",
                                                 "data": "data/stdlib/teacher"}
 
 
@@ -83,7 +82,7 @@ def test_a_recipe_owns_only_the_stages_it_changes(demo):
     assert paths.chain_dir("lora16", "teacher", "student", "pruned") == "models/default/teacher_student/pruned"
     settings = inputs.settings_for("prune")
     with pytest.raises(ValueError, match="recipe 'lora16' has the settings of 'default'.*models/default/teacher_student/pruned"):
-        settings(Wildcards(teacher="teacher", student="student", recipe="lora16"))
+        settings(wildcards(teacher="teacher", student="student", recipe="lora16"))
     with pytest.raises(ValueError, match="unknown recipe 'nope'; known: lora16"):
         paths.chain_dir("nope", "teacher", "student", "pruned")
 
@@ -100,19 +99,19 @@ def test_a_pair_takes_its_own_resources_over_the_rules(demo):
 
 
 def test_threads_follow_cpus_per_task_else_the_cores(demo, monkeypatch):
-    assert resources.rule_threads("distill")(Wildcards(teacher="teacher", student="student", recipe="default")) == 2
-    assert resources.rule_threads("distill")(Wildcards(teacher="llama7b", student="1b", recipe="default")) == 8
+    assert resources.rule_threads("distill")(wildcards(teacher="teacher", student="student", recipe="default")) == 2
+    assert resources.rule_threads("distill")(wildcards(teacher="llama7b", student="1b", recipe="default")) == 8
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # inside a SLURM job: what it was given
-    assert resources.rule_threads("evaluate")(Wildcards(teacher="teacher", student="student", recipe="default", stage="pruned")) == 3
+    assert resources.rule_threads("evaluate")(wildcards(teacher="teacher", student="student", recipe="default", stage="pruned")) == 3
 
 
 def test_the_memory_plan_refuses_a_job_that_cannot_fit(demo):
-    wildcards = Wildcards(teacher="llama7b", student="1b", recipe="default")
-    entry = {**resources.job_resources(wildcards, "distill"), "gpu_mem_mb": 4000}
+    job = wildcards(teacher="llama7b", student="1b", recipe="default")
+    entry = {**resources.job_resources(job, "distill"), "gpu_mem_mb": 4000}
     with pytest.raises(ValueError, match=r"memory plan: distill llama7b_1b needs about .* GiB per GPU but its resources "
                                          r"give 3.9 GiB \(1 GPU\); shard it over more GPUs"):
-        plan.memory_plan("distill", wildcards, entry)
-    assert plan.job_estimate("distill", wildcards, resources.job_resources(wildcards, "distill")).total < 81920 * 2**20
+        plan.memory_plan("distill", job, entry)
+    assert plan.job_estimate("distill", job, resources.job_resources(job, "distill")).total < 81920 * 2**20
 
 
 def test_a_validated_config_is_remembered_by_its_content(demo, tmp_path, monkeypatch):

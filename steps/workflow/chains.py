@@ -47,6 +47,12 @@ MODELS: dict[str, dict] = {}
 _cleared_on_load = []  # functools caches over these tables (paths.stage_key, ...)
 
 
+def cleared_on_load(cached):
+    """Decorator: a functools cache over the tables above, emptied each time load() fills them again."""
+    _cleared_on_load.append(cached)
+    return cached
+
+
 def merge_over(base, override):
     """Snakemake's update_config of `override` into `base`, except that an alias given a source its entry in
     `base` lacks is replaced, not merged; returns the replaced aliases."""

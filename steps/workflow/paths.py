@@ -13,8 +13,7 @@ import json
 import os
 import re
 
-from steps.workflow import chains
-from steps.workflow.chains import CHAINS, DEFAULT_RECIPE, dataset_of, model_spec, pair_chain, quant_method, recipe_overrides, section
+from steps.workflow.chains import CHAINS, DEFAULT_RECIPE, MODELS, cleared_on_load, dataset_of, model_spec, pair_chain, quant_method, recipe_overrides, section
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
 TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
@@ -30,7 +29,7 @@ def one_of(names):
 def pruned_aliases(pruned=True):
     """Aliases made by pruning another one (`prune_of:`), or the others: with these as the two rules'
     constraints, `models/base/{alias}` has one producer, prune_model or base_model."""
-    return one_of(alias for alias, spec in chains.MODELS.items() if ("prune_of" in spec) == pruned)
+    return one_of(alias for alias, spec in MODELS.items() if ("prune_of" in spec) == pruned)
 
 
 def as_json(obj):
@@ -98,6 +97,7 @@ def logit_cache_dir(chain, recipe, teacher):
 # ---------------------------------------------------------------- sharing across recipes
 
 
+@cleared_on_load
 @functools.cache
 def stage_key(chain, recipe, stage, evaluated=False):
     """What makes `recipe`'s `stage` model (and, `evaluated`, its evaluation), as canonical JSON."""
@@ -113,6 +113,7 @@ def stage_key(chain, recipe, stage, evaluated=False):
     return as_json(settings)
 
 
+@cleared_on_load
 @functools.cache
 def stage_owner(chain, recipe, stage, evaluated=False):
     """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
@@ -120,8 +121,6 @@ def stage_owner(chain, recipe, stage, evaluated=False):
     recipes = (DEFAULT_RECIPE, *sorted(CHAINS[chain]["recipes"]))
     return next(r for r in recipes if r == recipe or stage_key(chain, r, stage, evaluated) == key)
 
-
-chains._cleared_on_load += [stage_key, stage_owner]
 
 
 def check_owner(chain, recipe, stage, path, evaluated=False):
