@@ -129,6 +129,39 @@ def test_batched_windows_give_the_one_window_numbers(model_dir, data_dir):
     assert math.isclose(batched["perplexity"], one["perplexity"], rel_tol=1e-5)
 
 
+
+class EveryPosition(torch.nn.Module):
+    """The model as a forward without `logits_to_keep`: logits, and every layer, at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False)
+
+
+def test_the_last_layer_works_only_where_scored_with_the_same_numbers(model_dir, data_dir):
+    from steps.models import load_model
+
+    model = load_model(model_dir).eval()
+    test = load_split(data_dir, "test")[:]
+    ids, labels = test["input_ids"].reshape(-1)[:300], test["labels"].reshape(-1)[:300]
+    last = model.model.layers[-1]
+    rows = {"mlp": [], "self_attn.o_proj": []}
+    for name, seen in rows.items():
+        last.get_submodule(name).register_forward_hook(lambda module, args, output, seen=seen: seen.append(
+            (args[0].shape[1], output.shape[1])))
+    whole = perplexity(EveryPosition(model), ids, labels, context=32, stride=12, batch_size=5)
+    assert all(seen == [(32, 32)] * 5 for seen in rows.values())
+    rows = {name: seen.clear() or seen for name, seen in rows.items()}
+    cut = perplexity(model, ids, labels, context=32, stride=12, batch_size=5)
+    # the first batch scores its first window whole; the others need 12 targets, so 13 positions of logits
+    assert all(seen == [(32, 32)] + [(13, 13)] * 4 for seen in rows.values())
+    assert cut["scored_tokens"] == whole["scored_tokens"] == 299
+    assert math.isclose(cut["perplexity"], whole["perplexity"], rel_tol=1e-6)
+    assert all(len(last.get_submodule(name)._forward_pre_hooks) == 0 for name in rows)  # no hook left behind
+
 def stream(*records, begin=None, end=0):
     """A prepared stream from (prompt, response) id lists: [begin] prompt response end, prompt labels -100."""
     ids, labels = [], []
