@@ -7,6 +7,7 @@
 #
 # Target grammar: results/[{recipe}/]{teacher}_{student}_{quant}.eval (see README.md).
 
+import gc
 import sys
 
 from snakemake.utils import min_version
@@ -16,6 +17,10 @@ min_version("9.0")
 
 configfile: f"{workflow.basedir}/config/config.yaml"  # found from any --directory
 
+
+# Snakemake's modules, loaded by now, live as long as the run: a full garbage collection that planning's
+# allocations set off would walk all of them (80 ms, most of this workflow's no-op cost). Frozen, it skips them.
+gc.freeze()
 
 # The planning logic is a package (steps/workflow/, tested without Snakemake); rules/*.smk hold the rules.
 sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
