@@ -123,6 +123,7 @@ def test_fsdp_divides_the_states_over_the_ranks():
     assert sharded.terms["activations"] == one.terms["activations"]
 
 
+@pytest.mark.slow  # real training steps in fresh processes, measured: a benchmark's work, not a unit test
 @pytest.mark.parametrize("checkpointing,rank", [(False, 0), (True, 0), (False, 8)], ids=["full", "checkpointing", "lora"])
 def test_the_estimate_is_within_30_percent_of_the_peak_of_a_real_training_run(checkpointing, rank):
     """CPU peak RSS over the process's before the model exists (a GPU would read max_memory_allocated);

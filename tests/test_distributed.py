@@ -32,6 +32,7 @@ def assert_trained_alike(single: dict, ranks: dict, initial: dict) -> None:
         assert torch.allclose(single[name], ranks[name], atol=2e-4), name
 
 
+@pytest.mark.slow  # two torchrun ranks: a run of processes, not a unit test (`make test-fast` leaves it out)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_global_batch(model_dir, tokenizer_dir, data_dir, tmp_path, parallel):
     from conftest import make_model_dir
@@ -59,6 +60,7 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(model_dir, token
     assert not ckpt.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,trained", [
     ("lora", "model.safetensors"),  # merged
     ("freeze", "model.safetensors"),
