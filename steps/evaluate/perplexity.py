@@ -48,7 +48,8 @@ def last_layer_where_scored(model, scored: dict):
     and values still come from every position; elsewhere the layer's output (never read) lacks those parts.
     The same numbers where scored, a share of the last layer's work saved. Without `model.layers`: no change."""
     layers = getattr(getattr(model, "model", None), "layers", None)
-    parts = [layers[-1].get_submodule(name) for name in POSITION_WISE if _has(layers[-1], name)] if layers else []
+    named = dict(layers[-1].named_modules()) if layers else {}
+    parts = [named[name] for name in POSITION_WISE if name in named]
     length = {}
 
     def take_scored(module, args):
@@ -69,14 +70,6 @@ def last_layer_where_scored(model, scored: dict):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _has(module, dotted: str) -> bool:
-    try:
-        module.get_submodule(dotted)
-    except AttributeError:
-        return False
-    return True
 
 
 @torch.no_grad()
