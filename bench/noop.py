@@ -7,7 +7,8 @@ commands on a trivial workflow of as many `touch` jobs, built the same way, alte
 median wall time and peak memory (max RSS of the Snakemake process, from GNU time). Target: the demo within
 1.1x of the trivial workflow. The demo's Snakefile freezes the garbage collector's view of Snakemake's own
 objects (gc.freeze), which spares it a full collection that the plain trivial workflow still pays; a third
-workflow, the trivial one with the same first line, shows what planning itself costs beside it. Planning must import neither torch nor transformers (tests/test_defaults.py).
+workflow, the trivial one with the same first line, shows what planning itself costs beside it. Planning must
+import neither torch nor transformers (tests/test_defaults.py).
 Python writes bytecode here as on a user's machine (PYTHONDONTWRITEBYTECODE, set on some CI machines, is dropped).
 """
 
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
             (workflows[where] / "Snakefile").write_text(first + rules)
             run(workflows[where], [], args.cores)
         samples = {(where, mode): {"wall_s": [], "rss_mib": []} for where in workflows for mode in ("-n", "no-op")}
-        for _ in range(args.repeats):  # alternating: load on the machine hits both alike
+        for _ in range(args.repeats):  # alternating: load on the machine hits all alike
             for mode in ("-n", "no-op"):
                 for where, cwd in workflows.items():
                     wall, rss, out = run(cwd, ["-n"] if mode == "-n" else [], args.cores)
