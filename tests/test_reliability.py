@@ -350,10 +350,17 @@ def test_a_second_snakemake_in_the_same_directory_is_refused_by_the_lock(tmp_pat
         first = subprocess.Popen([sys.executable, "-m", "snakemake", target, "--cores", "1", "--configfile", *configs],
                                  cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        # Wait until the first holds its lock and runs the long pre-training: until then a short upstream job
+        # (fetch_data, train_tokenizer, prepare_data) may have written its output and not yet cleared its
+        # incomplete marker, and the second Snakemake, which checks those markers while planning, before it
+        # locks, would stop on that instead of on the lock.
+        def locked_and_pretraining():
+            return locks.is_dir() and any(locks.iterdir()) and "rule base_model:" in (tmp_path / "first.log").read_text()
+
         deadline = time.monotonic() + 120
-        while not (locks.is_dir() and any(locks.iterdir())):
+        while not locked_and_pretraining():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the first snakemake took no lock"
+            assert time.monotonic() < deadline, "the first snakemake took no lock or never started its base_model job"
             time.sleep(0.1)
 
         second = run_snakemake(workdir, target, configs=configs, check=False, timeout=300)
