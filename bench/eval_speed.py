@@ -28,7 +28,7 @@ import torch
 
 from bench.common import require, save, table
 from bench.quant_quality import chain_paths, load_config
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.evaluate import perplexity
 from steps.models import load_model, load_tokenizer
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bench.common import require, save, table
 from bench.kd_vs_ce import chain, machine_load, settings_for, train_settings
 from steps.artifacts import settings_from
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.distill import kd_objective
 from steps.models import load_model, load_tokenizer, pick_device
 from steps.training import LoopSettings, batch_at, lr_at, train

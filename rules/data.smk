@@ -18,7 +18,7 @@ rule fetch_data:
     log:
         "logs/fetch_data/{dataset}.log",
     shell:
-        "python -m steps.data fetch --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m steps.data.fetch --spec {params.spec:q} --out {output} > {log} 2>&1"
 
 
 rule prepare_data:
@@ -36,5 +36,5 @@ rule prepare_data:
     log:
         "logs/prepare_data/{dataset}/{alias}.log",
     shell:
-        "python -m steps.data prepare --threads {threads} --raw {input.raw} --tokenizer {input.tokenizer}"
+        "python -m steps.data.prepare --threads {threads} --raw {input.raw} --tokenizer {input.tokenizer}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -52,11 +52,6 @@ GPTQ_MIN_WORKERS = 2  # GPTQModel 7.6's CPU pool refuses fewer: its model loader
 THREADS = {"per_process": None}  # what use_threads gave this process, for the manifest
 
 
-def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=int, help="CPU threads of this job: the workflow passes the rule's `threads` "
-                        "(Snakemake's --cores, --set-threads, a profile, resources cpus_per_task); default: the libraries' own")
-
-
 def use_threads(threads: int | None) -> int | None:
     """Run this process on the threads the workflow gave its job, split among the ranks torchrun started on this
     node (each rank of `torchrun --nproc-per-node N` gets threads / N); returns the threads per process."""

@@ -18,13 +18,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, refused_writes, run_key, settings_from,
-                             setup_logging, use_threads, write_manifest)
+from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
+from steps.cli import optional, stage_cli
 from steps.models import build_scratch, load_gguf, load_model, load_tokenizer, pick_device, save_model
 from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
@@ -59,7 +58,7 @@ def from_scratch(spec: dict, tokenizer_dir: str, data_dir: str | None, metrics: 
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_scratch(spec["scratch"], tokenizer, seed=spec.get("seed", 0))
     if spec.get("pretrain"):
-        from steps.data import load_split
+        from steps.prepared import load_split
 
         if not data_dir:
             raise StageError("scratch model with pretrain: needs prepared data (--data)")
@@ -98,18 +97,11 @@ def run(spec: dict, out: str, tokenizer_dir: str | None = None, data_dir: str | 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="JSON of the model's config entry")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer directory (scratch models)")
-    parser.add_argument("--data", help="prepared data directory (scratch models with pretrain:)")
-    parser.add_argument("--metrics", help="JSONL of per-step training metrics (scratch models with pretrain:)")
-    parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out (scratch models with pretrain:)")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    with refused_writes():  # a full disk while writing checkpoints or metrics: one line too
+    with stage_cli(__doc__, argv, spec="JSON of the model's config entry", out="model directory to write",
+                   tokenizer=optional("tokenizer directory (scratch models)"),
+                   data=optional("prepared data directory (scratch models with pretrain:)"),
+                   metrics=optional("JSONL of per-step training metrics (scratch models with pretrain:)"),
+                   checkpoints=optional("resumable checkpoint directory, outside --out (scratch models with pretrain:)")) as args:
         run(json.loads(args.spec), args.out, args.tokenizer, args.data, args.metrics, args.checkpoints)
 
 

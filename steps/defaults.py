@@ -31,12 +31,25 @@ def default(settings_class: str, field: str):
 
 
 def constant(module: str, name: str):
-    """The literal value of the module-level assignment `name = ...` in `module` ("steps.data")."""
+    """The literal value of the module-level assignment `name = ...` in `module` ("steps.data.fetch")."""
     source, tree = parsed(module)
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise KeyError(f"no module-level {name} in {source}")
+
+
+def declared(package: str, name: str) -> dict[str, object]:
+    """Module -> the value of its module-level `name`, for each module of `package` ("steps.quantize") that
+    assigns one: how planning finds what a method module says of itself (its schemes, whether they calibrate)."""
+    found = {}
+    for source in sorted(STEPS.joinpath(*package.split(".")[1:]).glob("[!_]*.py")):  # not __init__, __main__
+        module = f"{package}.{source.stem}"
+        try:
+            found[module] = constant(module, name)
+        except KeyError:
+            continue
+    return found
 
 
 @functools.cache

@@ -20,7 +20,6 @@ k * (2 + id bytes) + 4, e.g. 260 for k = 64 (0.13% of a 49k-vocabulary fp32 row)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import time
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, read_manifest, settings_from, setup_logging,
-                             use_threads, write_manifest)
-from steps.data import load_split
+from steps.artifacts import StageError, atomic_dir, read_manifest, write_manifest
+from steps.cli import stage_cli
+from steps.prepared import load_split
 from steps.losses import rest_log_prob
 from steps.models import load_model, load_tokenizer, pick_device
 
@@ -153,16 +152,9 @@ class LogitCache:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--data", required=True, help="prepared data directory (its train split is cached)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--settings", default="{}", help="JSON of CacheSettings")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    build(args.teacher, args.data, args.out, settings_from(CacheSettings, args.settings))
+    with stage_cli(__doc__, argv, CacheSettings, teacher="teacher model directory",
+                   data="prepared data directory (its train split is cached)", out="cache directory to write") as args:
+        build(args.teacher, args.data, args.out, args.settings)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Input: a raw dataset directory (`datasets.save_to_disk`) and the dataset's format
 fields (`text_field`, or `template` + `response_field`): it learns the text that
-`steps.data prepare` will tokenize.
+`steps.data.prepare` will tokenize.
 Output: a tokenizer directory that `AutoTokenizer.from_pretrained` reloads,
 with `<|endoftext|>` as bos, eos and pad. Byte-level BPE never produces an
 unknown token, so any text round-trips. Trains in well under a second on
@@ -11,12 +11,11 @@ Python's own documentation.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, settings_from, setup_logging, use_threads,
-                             write_manifest)
+from steps.artifacts import StageError, atomic_dir, write_manifest
+from steps.cli import stage_cli
 
 EOS = "<|endoftext|>"
 
@@ -49,7 +48,7 @@ def train_bpe(texts, vocab_size: int):
 def run(raw_dir: str, out: str, settings: TokenizerSettings) -> None:
     from datasets import load_from_disk
 
-    from steps.data import PrepareSettings, check_fields, record_to_pieces
+    from steps.data.prepare import PrepareSettings, check_fields, record_to_pieces
 
     started = time.time()
     data = load_from_disk(raw_dir)
@@ -64,15 +63,8 @@ def run(raw_dir: str, out: str, settings: TokenizerSettings) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", required=True, help="raw dataset directory")
-    parser.add_argument("--out", required=True, help="tokenizer directory to write")
-    parser.add_argument("--settings", default="{}", help="JSON of TokenizerSettings")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    run(args.raw, args.out, settings_from(TokenizerSettings, args.settings))
+    with stage_cli(__doc__, argv, TokenizerSettings, raw="raw dataset directory", out="tokenizer directory to write") as args:
+        run(args.raw, args.out, args.settings)
 
 
 if __name__ == "__main__":

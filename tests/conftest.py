@@ -80,7 +80,7 @@ def _only_workflow_tests_run_snakemake(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
-    from steps.data import fetch
+    from steps.data.fetch import fetch
 
     out = tmp_path_factory.mktemp("data") / "raw"
     fetch({"builtin": "pydoc_topics"}, str(out))
@@ -98,7 +98,7 @@ def tokenizer_dir(tmp_path_factory, raw_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, raw_dir, tokenizer_dir) -> Path:
-    from steps.data import PrepareSettings, prepare
+    from steps.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare(str(raw_dir), str(tokenizer_dir), str(out), PrepareSettings(block_size=32, max_records=60))

@@ -54,12 +54,13 @@ Stage CLIs:
 - too few train blocks for calibration (quantize gptq) -> here: `error: gptq wants 100000 calibration blocks but
   .../train has ...; lower the method's `calibration_blocks` to at most ...`
 - prepared data that is not there (evaluate) -> here: `error: prepared data ... has no test split (no .../test);
-  point --data at a directory `python -m steps.data prepare` wrote (the prepare_data rule)`
+  point --data at a directory `python -m steps.data.prepare` wrote (the prepare_data rule)`
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def bad_inputs(root: Path, model_dir: Path, raw_dir: Path) -> dict[str, Path]:
     """Broken variants of the tiny model and a dataset of two records, each in a folder of its own: name -> path."""
     from safetensors.torch import load_file, save_file
 
-    from steps.data import fetch
+    from steps.data.fetch import fetch
     from steps.tokenizer import TokenizerSettings
     from steps.tokenizer import run as train_tokenizer
 
@@ -205,7 +206,7 @@ def commands(p: dict[str, Path], out: Path) -> dict[str, list]:
         return ["evaluate", "--model", model, "--data", data, "--out", out]
 
     def prepare(raw, **settings):
-        return ["data", "prepare", "--raw", raw, "--tokenizer", p["tokenizer"], "--out", out,
+        return ["data.prepare", "--raw", raw, "--tokenizer", p["tokenizer"], "--out", out,
                 "--settings", json.dumps(settings)]
 
     prune = ["prune", "--model", p["truncated"], "--data", p["data"], "--out", out,
@@ -271,13 +272,19 @@ def stage_runs(tmp_path_factory, model_dir, data_dir, raw_dir, tokenizer_dir):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+# How the stage's own lines start (steps.artifacts.setup_logging): a time and a level, or its one-line error.
+OWN_LINE = re.compile(r"(\d\d:\d\d:\d\d (INFO|WARNING|ERROR) |error: )")
+
+
 def refused(run: Run, *words: str) -> str:
-    """Exit status 1, one `error: ` line last on stderr naming `words`, no traceback, nothing at or beside the output."""
+    """Exit status 1, one `error: ` line last on stderr naming `words`, no traceback, nothing at or beside the output;
+    and the first line is the stage's own, not a library's notice about itself (steps/__init__.py)."""
     result, out = run.result, run.out
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert OWN_LINE.match(lines[0]), f"the log opens with {lines[0]!r}, not the stage's own words"
     for word in words:
         assert word in lines[-1], f"{word!r} not in {lines[-1]!r}"
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "something was written"
@@ -336,7 +343,7 @@ def test_a_non_finite_loss_stops_training_in_one_line_with_no_output(stage_runs,
     ("tokens-for-a-block", ["fewer than one block of 100000", "lower block_size or add data"]),
     ("blocks-for-calibration", ["gptq wants 100000 calibration blocks",
                                 "lower the method's `calibration_blocks` to at most"]),
-    ("no-prepared-data", ["has no test split", "point --data at a directory `python -m steps.data prepare` wrote"]),
+    ("no-prepared-data", ["has no test split", "point --data at a directory `python -m steps.data.prepare` wrote"]),
 ])
 def test_too_little_data_is_one_line_before_the_work(stage_runs, case, words):
     refused(stage_runs[case], *words)

@@ -1,6 +1,6 @@
 """Data stage: every source `fetch` reads, `prepare`'s formats, masks, splits and stats, and the bad inputs.
 
-Bad inputs go through the CLI (`python -m steps.data ...`) the way the rules call it: exit status 1,
+Bad inputs go through the CLIs (`python -m steps.data.fetch|prepare ...`) the way the rules call it: exit status 1,
 the last line of stderr is the one-line error, and no output directory is left behind.
 """
 
@@ -20,7 +20,8 @@ import datasets
 import pytest
 
 from steps.artifacts import StageError, read_manifest
-from steps.data import PrepareSettings, fetch, prepare, render_template, split_indices
+from steps.data.fetch import fetch
+from steps.data.prepare import PrepareSettings, prepare, render_template, split_indices
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a cache snapshot is named by a 40-hex commit
@@ -43,10 +44,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, hf_home: Path) -> subprocess.CompletedProcess:
-    """`python -m steps.data ...` offline, with its own (test-filled) Hugging Face home."""
+def run_cli(command: str, *args: str, hf_home: Path) -> subprocess.CompletedProcess:
+    """`python -m steps.data.<command> ...` offline, with its own (test-filled) Hugging Face home."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
-    return subprocess.run([sys.executable, "-m", "steps.data", *args], cwd=REPO, capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", f"steps.data.{command}", *args], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=120)
 
 

@@ -42,11 +42,11 @@ def test_a_missing_field_and_a_computed_default_fail():
 
 
 def test_a_constant_read_from_source_equals_the_imported_one():
-    import steps.data
+    import steps.data.fetch
 
-    assert defaults.constant("steps.data", "FORMAT_FIELDS") == steps.data.FORMAT_FIELDS
+    assert defaults.constant("steps.data.fetch", "FORMAT_FIELDS") == steps.data.fetch.FORMAT_FIELDS
     with pytest.raises(KeyError, match="no module-level NOPE"):
-        defaults.constant("steps.data", "NOPE")
+        defaults.constant("steps.data.fetch", "NOPE")
 
 
 @pytest.mark.workflow
@@ -64,4 +64,4 @@ def test_planning_imports_neither_torch_nor_transformers(tmp_path, target):
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", result.stderr, re.M))
     assert "steps.memory" in imported and "snakemake" in imported
     assert not {"torch", "transformers"} & imported
-    assert not {"steps.data", "steps.artifacts"} & imported  # a stage's imports are no dry run's business
+    assert not {"steps.data.fetch", "steps.artifacts"} & imported  # a stage's imports are no dry run's business

@@ -75,7 +75,7 @@ def expected_losses(student, teacher, batch, vocab, temperature, beta, loss):
 def test_distill_objective_applies_loss_temperature_beta_mask_and_vocabulary(
     padded_teacher_dir, model_dir, data_dir, loss, temperature, beta
 ):
-    from steps.data import load_split
+    from steps.prepared import load_split
     from steps.distill import kd_objective
     from steps.models import load_model
 
@@ -113,7 +113,7 @@ def test_a_teacher_with_a_padded_vocabulary_distills_into_the_tokenizers_vocabul
 def test_kd_weight_zero_is_plain_fine_tuning_without_a_teacher_forward(model_dir, data_dir):
     import torch
 
-    from steps.data import load_split
+    from steps.prepared import load_split
     from steps.distill import kd_objective
     from steps.losses import shifted_ce
     from steps.models import load_model
@@ -155,7 +155,7 @@ def full_cache(tmp_path_factory, teacher_dir, data_dir):
 
 
 def test_the_objective_from_a_full_cache_equals_the_live_one(teacher_dir, full_cache, model_dir, data_dir):
-    from steps.data import load_split
+    from steps.prepared import load_split
     from steps.distill import kd_objective
     from steps.logit_cache import LogitCache
     from steps.models import load_model
@@ -201,7 +201,7 @@ def test_settings_that_cannot_work_fail_before_anything_loads(tmp_path, settings
 
 
 def test_a_cache_of_other_data_is_refused_before_training(full_cache, teacher_dir, model_dir, tmp_path, raw_dir, tokenizer_dir):
-    from steps.data import PrepareSettings, prepare
+    from steps.data.prepare import PrepareSettings, prepare
 
     other = tmp_path / "data"
     prepare(str(raw_dir), str(tokenizer_dir), str(other), PrepareSettings(block_size=32, max_records=50))
@@ -215,7 +215,7 @@ def test_a_cache_of_other_data_is_refused_before_training(full_cache, teacher_di
 def test_on_policy_rows_are_the_students_samples_scored_by_the_teacher(teacher_dir, model_dir, data_dir, share):
     """Replayed by hand with the same seed: the first rows are sampled from their prompts and count in
     KD only (over the sampled tokens), the other rows are data rows with KD and CE; the student runs once."""
-    from steps.data import load_split
+    from steps.prepared import load_split
     from steps.distill import kd_objective, onpolicy
     from steps.losses import kd_loss, shifted_ce
     from steps.models import load_model

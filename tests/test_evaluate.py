@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from steps.artifacts import StageError
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.evaluate import EvaluateSettings, perplexity, run, sliding_windows
 
 

@@ -94,6 +94,6 @@ def test_perplexity_equals_lm_eval_rolling_loglikelihood(model_dir, data_dir, ma
 
 
 def load_split_ids(data_dir):
-    from steps.data import load_split
+    from steps.prepared import load_split
 
     return load_split(data_dir, "test")[:]["input_ids"].reshape(-1).tolist()

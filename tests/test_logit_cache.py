@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.logit_cache import CacheSettings, LogitCache, build
 from steps.losses import kd_loss, top_k_kd_loss
 from steps.models import load_model
@@ -102,7 +102,7 @@ def test_bfloat16_cache_and_int32_ids_read_back(teacher_dir, data_dir, tmp_path,
 
 
 def test_a_cache_is_refused_for_other_data_another_k_or_vocabulary(top64_cache, data_dir, tmp_path):
-    from steps.data import PrepareSettings, prepare
+    from steps.data.prepare import PrepareSettings, prepare
 
     cache, blocks = LogitCache(top64_cache), load_split(data_dir, "train")
     cache.check(blocks, VOCAB, CacheSettings(top_k=64))  # the data it was built from: accepted

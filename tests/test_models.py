@@ -270,7 +270,7 @@ def test_pretraining_writes_per_step_metrics_and_only_when_it_trains(tokenizer_d
     from transformers import AutoModelForCausalLM
 
     from steps.base import main
-    from steps.data import load_split
+    from steps.prepared import load_split
     from steps.training import perplexity
 
     spec = {"scratch": ARCH, "seed": 0,

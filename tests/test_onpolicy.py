@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_model_dir, reference_kd
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.distill.onpolicy import OnPolicySettings, check, generate, on_policy_loss, prompts, rows_on_policy
 from steps.losses import forward_kl
 from steps.models import load_model, load_tokenizer

@@ -13,7 +13,7 @@ import torch
 
 from conftest import TRAIN, make_model_dir
 from steps.artifacts import StageError, read_manifest, weights_bytes
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.evaluate import EvaluateSettings, run as evaluate
 from steps.models import ADAPTER_DIR, load_model
 from steps.quantize import QuantizeSettings, run as quantize

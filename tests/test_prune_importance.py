@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model_dir
 from steps.artifacts import StageError
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.losses import shifted_ce
 from steps.models import load_model
 from steps.prune.importance import calibration_batches, layer_scores, width_scores

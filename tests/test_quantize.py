@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ from safetensors import safe_open
 from conftest import make_model_dir
 from steps.artifacts import StageError, read_manifest, weights_bytes
 from steps.quantize import QuantizeSettings, check_settings, run
-from steps.quantize.gptq import check_group_size, quantized_linears
+from steps.quantize.gptq import check_group_size
+from steps.quantize.hf import quantized_linears
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # The 4-bit code books (QLoRA's NormalFloat, table in Dettmers et al. 2023; bitsandbytes' fp4 with one
@@ -147,10 +151,16 @@ GPTQ_CASES = {4: dict(group_size=32, desc_act=True), 8: dict(group_size=-1, desc
 @pytest.fixture(scope="module")
 def gptq_dirs(tmp_path_factory, model_dir, data_dir, gptq_env):
     root = tmp_path_factory.mktemp("gptq")
-    for bits, case in GPTQ_CASES.items():
-        settings = QuantizeSettings(scheme="gptq", bits=bits, calibration_blocks=16, **case)
-        run(str(model_dir), str(root / f"gptq{bits}"), settings, data_dir=str(data_dir))
+    with pytest.MonkeyPatch.context() as cwd:
+        cwd.chdir(root)  # a workflow job's working directory, whose logs/ is the workflow's
+        for bits, case in GPTQ_CASES.items():
+            settings = QuantizeSettings(scheme="gptq", bits=bits, calibration_blocks=16, **case)
+            run(str(model_dir), str(root / f"gptq{bits}"), settings, data_dir=str(data_dir))
     return {bits: root / f"gptq{bits}" for bits in GPTQ_CASES}
+
+
+def test_gptqmodel_leaves_no_files_in_the_workflows_log_tree(gptq_dirs):
+    assert not (gptq_dirs[4].parent / "logs").exists()
 
 
 def _pearson(got, want):
@@ -244,3 +254,29 @@ def test_gptq_needs_data_and_enough_train_blocks(model_dir, data_dir, tmp_path):
         settings = QuantizeSettings(scheme="gptq", group_size=32, calibration_blocks=10**6)
         run(str(model_dir), str(tmp_path / "q"), settings, data_dir=str(data_dir))
     assert not (tmp_path / "q").exists()
+
+
+def test_a_scheme_is_found_by_its_name_in_its_own_module():
+    """Each scheme comes from the one module that declares it; planning reads the same declarations from source
+    (no torch), and the README names every scheme the schema accepts."""
+    import re
+
+    import yaml
+
+    from steps import defaults
+    from steps.quantize import SCHEME_MODULES
+    from steps.workflow.plan import calibrated_schemes
+
+    declared = defaults.declared("steps.quantize", "SCHEMES")
+    assert {s: f"steps.quantize.{m.__name__.rpartition('.')[2]}" for s, m in SCHEME_MODULES.items()} == {
+        s: module for module, schemes in declared.items() for s in schemes}
+    assert calibrated_schemes() == {s for s, m in SCHEME_MODULES.items() if s in m.CALIBRATED} == {"gptq", "w8a8"}
+    for module in set(SCHEME_MODULES.values()):
+        assert set(module.CALIBRATED) <= set(module.SCHEMES) and module.RUN_FIX
+        assert callable(module.check_source) and callable(module.quantize)
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    enum = schema["$defs"]["quant_method"]["properties"]["scheme"]["enum"]
+    assert set(enum) == {*SCHEME_MODULES, "none"}
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Quantization"):readme.index("## Cluster and GPUs")]
+    assert not {s for s in SCHEME_MODULES if not re.search(rf"`{re.escape(s)}`", section)}, "README: name every scheme"

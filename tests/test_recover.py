@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steps.artifacts import StageError, read_manifest
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.recover import RecoverSettings, main, run
 from steps.training import perplexity
 

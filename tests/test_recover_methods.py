@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import make_model_dir, reference_kd
 from steps import training
 from steps.artifacts import read_manifest
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.distill import DistillSettings
 from steps.evaluate import EvaluateSettings
 from steps.evaluate import run as evaluate
@@ -253,7 +253,7 @@ def test_kd_from_a_teacher_of_another_vocabulary_is_refused(model_dir, data_dir,
 @pytest.fixture(scope="module")
 def small_data_dir(raw_dir, tokenizer_dir, tmp_path_factory):
     """A few records: a cache of the shared data's train split costs a teacher pass over all of it."""
-    from steps.data import PrepareSettings, prepare
+    from steps.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("small") / "data"
     prepare(str(raw_dir), str(tokenizer_dir), str(out), PrepareSettings(block_size=32, max_records=6))

@@ -12,7 +12,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from steps.artifacts import StageError, run_key
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.losses import shifted_ce
 from steps.models import load_model
 from steps.training import LoopSettings, batch_at, lr_at, next_token_loss, perplexity, train
@@ -38,7 +38,7 @@ KILLED_RUN = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from steps.artifacts import StageError, run_key
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.models import load_model
 from steps.training import LoopSettings, next_token_loss, train
 

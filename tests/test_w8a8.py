@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_model_dir
 from steps.artifacts import StageError, read_manifest, weights_bytes
-from steps.data import load_split
+from steps.prepared import load_split
 from steps.quantize import QuantizeSettings, run
 from steps.quantize.smoothquant import activation_absmax, smooth, smoothing_groups
 

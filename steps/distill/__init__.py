@@ -22,7 +22,6 @@ Teacher and student must share a vocabulary, checked before anything loads.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from steps import distributed
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, run_key, settings_from, setup_logging,
-                             use_threads, write_manifest)
-from steps.data import load_split
+from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
+from steps.cli import optional, stage_cli
+from steps.prepared import load_split
 from steps.distill import hidden, onpolicy
 from steps.distill.hidden import HiddenSettings
 from steps.distill.onpolicy import OnPolicySettings
@@ -174,21 +173,12 @@ def run(teacher_dir: str, student_dir: str, data_dir: str, out: str, settings: D
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", required=True)
-    parser.add_argument("--data", required=True, help="prepared data directory (train split is used)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--logits", help="teacher-logit cache directory (steps.logit_cache), when logit_cache.top_k > 0")
-    parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
-    parser.add_argument("--metrics", help="per-step metrics JSONL (next to the log)")
-    parser.add_argument("--settings", default="{}", help="JSON of DistillSettings")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    settings = settings_from(DistillSettings, args.settings)
-    run(args.teacher, args.student, args.data, args.out, settings, args.checkpoints, args.logits, args.metrics)
+    with stage_cli(__doc__, argv, DistillSettings, teacher="teacher model directory", student="student model directory",
+                   data="prepared data directory (train split is used)", out="model directory to write",
+                   logits=optional("teacher-logit cache directory (steps.logit_cache), when logit_cache.top_k > 0"),
+                   checkpoints=optional("resumable checkpoint directory, outside --out"),
+                   metrics=optional("per-step metrics JSONL (next to the log)")) as args:
+        run(args.teacher, args.student, args.data, args.out, args.settings, args.checkpoints, args.logits, args.metrics)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
         from steps.evaluate import harness
 
         manager = harness.task_manager(settings.tasks, settings.task_paths)
-    from steps.data import load_split  # datasets and transformers only once the settings are known good
+    from steps.prepared import load_split  # datasets and transformers only once the settings are known good
     from steps.models import ADAPTER_DIR, load_model, load_tokenizer, pick_device, unmerged_adapter
 
     device = pick_device()

@@ -23,7 +23,6 @@ shapes and parameters before and after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, settings_from, setup_logging, use_threads,
-                             write_manifest)
-from steps.data import load_split
+from steps.artifacts import StageError, atomic_dir, write_manifest
+from steps.cli import stage_cli
+from steps.prepared import load_split
 from steps.models import load_model, load_tokenizer, pick_device, save_model
 from steps.prune import importance, surgery
 from steps.prune.importance import LayerCriterion, WidthCriterion
@@ -197,13 +196,6 @@ def run(model_dir: str, data_dir: str, out: str, settings: PruneSettings) -> Non
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="prepared data (calibration for the data-driven scores)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--settings", default="{}", help="JSON of PruneSettings")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    run(args.model, args.data, args.out, settings_from(PruneSettings, args.settings))
+    with stage_cli(__doc__, argv, PruneSettings, model="model directory to prune",
+                   data="prepared data (calibration for the data-driven scores)", out="model directory to write") as args:
+        run(args.model, args.data, args.out, args.settings)

@@ -6,7 +6,8 @@ Schemes (`quantize.methods.<name>.scheme` in the config), one module per family:
 - `bnb-int8`: bitsandbytes LLM.int8 (Dettmers et al. 2022): int8 weights,
   input features whose magnitude passes `threshold` multiplied in 16-bit.
   `bnb-nf4` / `bnb-fp4`: bitsandbytes 4-bit (QLoRA's NormalFloat or plain
-  fp4). `dtype`: a cast to float16 / bfloat16. (bnb.py)
+  fp4). (bnb.py)
+- `dtype`: a cast to float16 / bfloat16. (dtype.py)
 - `w8a8`: SmoothQuant smoothing with `alpha`, calibrated on the train split,
   then int8 weights and int8 per-token activations (torchao). (smoothquant.py)
 - `gptq`: GPTQ 4- or 8-bit weights in groups of `group_size` input channels,
@@ -14,6 +15,17 @@ Schemes (`quantize.methods.<name>.scheme` in the config), one module per family:
   (`--data`) with `damp_percent` damping and optional act-order; `rtn`: the round-to-nearest baseline in the same format. (gptq.py)
 - `gguf`: one `model.gguf` for llama.cpp in the GGUF `type` (q8_0, q4_0, ...).
   (gguf.py)
+A scheme is found by its name: each module of this package that declares
+`SCHEMES` (the names it writes), `CALIBRATED` (those of them that read
+calibration blocks of the train split) and `RUN_FIX` (what to try when its
+output does not run) provides `check_source(model_dir, settings)` (what can be
+refused before any weight loads; returns what the checks read, e.g. hf.Source),
+`quantize(model_dir, out, settings, calibration, source)` (writes `out`,
+returns the manifest's entries) and, if it has settings of its own,
+`check_settings(settings)`. A new scheme is one module here plus its name in
+config/schema.yaml's `scheme` enum (tests/test_config.py holds the two
+together); the workflow's memory plan reads `CALIBRATED` from the source.
+
 Every output but GGUF is a Hugging Face directory whose config.json says how
 it is quantized, so `from_pretrained` reloads it without arguments; the GGUF
 directory holds `model.gguf` (tokenizer inside) and the manifest, and
@@ -26,34 +38,42 @@ forward; a failure there is a one-line error of the quantize job.
 
 A recover output with an unmerged adapter (method `prefix`: the base plus a
 P-tuning v2 prefix in `adapter/`) has its base quantized and the adapter copied
-unchanged beside it, so `load_model` applies the prefix to the quantized base.
+unchanged beside it (hf.py), so `load_model` applies the prefix to the quantized base.
 GGUF has no place for a prefix: refused before anything loads.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import logging
-import shutil
+import pkgutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
 from steps.artifacts import StageError, atomic_dir, write_manifest
-from steps.models import ADAPTER_DIR, check_weights, load_model, load_tokenizer, pick_device, unmerged_adapter
-from steps.quantize import bnb, gguf, gptq, smoothquant
+from steps.models import load_model, pick_device
+from steps.quantize import gguf
 
 log = logging.getLogger("steps")
 
-Scheme = Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "w8a8", "gptq", "rtn", "dtype", "gguf"]
-SCHEMES = get_args(Scheme)
-GPTQBits = Literal[4, 8]
-GPTQ_BITS = get_args(GPTQBits)
-GPTQ_SCHEMES = ("gptq", "rtn")  # written by GPTQModel in the GPTQ checkpoint format
-CALIBRATED = ("gptq", "w8a8")  # read calibration blocks of the train split
+
+def scheme_modules() -> dict:
+    """Scheme name -> the module of this package that declares it in its SCHEMES."""
+    modules = {}
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            modules.update({scheme: module for scheme in getattr(module, "SCHEMES", ())})
+    return modules
+
+
+SCHEME_MODULES = scheme_modules()
+SCHEMES = tuple(SCHEME_MODULES)
+Scheme = Literal[SCHEMES]
 
 
 @dataclass
@@ -63,7 +83,7 @@ class QuantizeSettings:
     double_quant: bool = False  # bnb 4-bit: also quantize the quantization constants
     threshold: float = 6.0  # bnb-int8: input features with a value above it are multiplied in 16-bit (LLM.int8's outliers); 0 = none
     alpha: float = 0.5  # w8a8: SmoothQuant migration strength in [0, 1]: the larger, the more of the activations' range moves onto the weights
-    bits: GPTQBits = 4  # gptq / rtn
+    bits: Literal[4, 8] = 4  # gptq / rtn
     group_size: int = 128  # gptq / rtn: input channels sharing one scale; must divide every layer's in_features; -1: one group per row
     calibration_blocks: int = 128  # gptq, w8a8: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
     damp_percent: float = 0.05  # gptq: share of the Hessian's mean diagonal added to it before inversion
@@ -72,52 +92,23 @@ class QuantizeSettings:
     type: gguf.TensorType = "q8_0"  # gguf: the GGUF tensor type of the matrices; norms stay f32
 
 
-def check_settings(settings: QuantizeSettings, data_dir: str | None) -> None:
-    if settings.scheme not in SCHEMES:
+def check_settings(settings: QuantizeSettings, data_dir: str | None):
+    """The scheme's module, once the settings it reads are known good (before anything is loaded)."""
+    module = SCHEME_MODULES.get(settings.scheme)
+    if module is None:
         raise StageError(f"unknown quantization scheme {settings.scheme!r}; choose one of {list(SCHEMES)}")
-    if settings.scheme == "gguf" and settings.type not in gguf.TYPES:
-        raise StageError(f"unknown GGUF type {settings.type!r}; choose one of {list(gguf.TYPES)}")
-    if settings.threshold < 0:
-        raise StageError(f"bnb-int8 threshold must be 0 or more, got {settings.threshold}; LLM.int8's default is 6.0")
-    if not 0 <= settings.alpha <= 1:
-        raise StageError(f"w8a8 alpha must be between 0 and 1, got {settings.alpha}; SmoothQuant's default is 0.5")
-    if settings.scheme in CALIBRATED:
+    if settings.scheme in module.CALIBRATED:
         if not data_dir:
             raise StageError(f"{settings.scheme} calibrates on prepared data: pass --data DIR (the chain's prepared data directory)")
         if settings.calibration_blocks < 1:
             raise StageError(f"{settings.scheme} calibration_blocks must be at least 1, got {settings.calibration_blocks}")
-    if settings.scheme not in GPTQ_SCHEMES:
-        return
-    if settings.bits not in GPTQ_BITS:
-        raise StageError(f"{settings.scheme} bits must be 4 or 8, got {settings.bits}; set `bits: 4` or `bits: 8`")
-    if settings.group_size != -1 and settings.group_size < 1:
-        raise StageError(f"{settings.scheme} group_size must be positive or -1, got {settings.group_size}")
-    if not 0 < settings.damp_percent < 1:
-        raise StageError(f"gptq damp_percent must be between 0 and 1, got {settings.damp_percent}; GPTQ's default is 0.05")
+    if hasattr(module, "check_settings"):
+        module.check_settings(settings)
+    return module
 
 
-def carry_adapter(model_dir: str, out: Path) -> dict:
-    """Copy an unmerged adapter of `model_dir` into `out` as it is; the manifest entry that says so (or none)."""
-    if not unmerged_adapter(model_dir):
-        return {}
-    source = Path(model_dir) / ADAPTER_DIR
-    shutil.copytree(source, out / ADAPTER_DIR)
-    return {"adapter": json.loads((source / "adapter_config.json").read_text())["peft_type"]}
-
-
-# What to try when a written model does not run where evaluate will load it.
-RUN_FIXES = {
-    "bnb": "bitsandbytes has no kernel for it on this device: quantize with gptq, w8a8 or dtype, or on a CUDA GPU",
-    "gptq": "gptqmodel has no kernel for these bits / group_size on this device: try group_size 32, 64 or 128, or bits 8",
-    "w8a8": "torchao's int8 kernels do not run it on this device: use bnb-int8 or gptq with bits 8",
-    "dtype": "weights beyond float16's range overflow: use dtype bfloat16",
-    "gguf": "pick another GGUF type (q8_0 keeps the most)",
-}
-
-
-def check_runs(out_dir: Path, scheme: str) -> None:
+def check_runs(out_dir: Path, scheme: str, fix: str) -> None:
     """Reload `out_dir` as evaluate does, on the device it will use, and run a 4-token forward; else one line."""
-    family = "bnb" if scheme.startswith("bnb") else "gptq" if scheme in GPTQ_SCHEMES else scheme
     device = pick_device()
     try:
         model = load_model(out_dir, device_map={"": device}).eval()
@@ -126,17 +117,16 @@ def check_runs(out_dir: Path, scheme: str) -> None:
     except Exception as err:  # any failure here would otherwise surface as a traceback in evaluate
         reason = (str(err).strip().splitlines() or [""])[0][:160]
         raise StageError(
-            f"the {scheme} model just written does not run on {device.type} ({type(err).__name__}: {reason}); "
-            f"{RUN_FIXES[family]}"
+            f"the {scheme} model just written does not run on {device.type} ({type(err).__name__}: {reason}); {fix}"
         ) from None
     if not torch.isfinite(logits).all():
-        raise StageError(f"the {scheme} model just written gives non-finite logits on {device.type}; {RUN_FIXES[family]}")
+        raise StageError(f"the {scheme} model just written gives non-finite logits on {device.type}; {fix}")
     log.info("%s output reloads and runs on %s", scheme, device.type)
 
 
 def calibration_tokens(data_dir: str, settings: QuantizeSettings) -> torch.Tensor:
     """(calibration_blocks, block_size) token ids drawn from the train split with `seed`."""
-    from steps.data import load_split
+    from steps.prepared import load_split
 
     train = load_split(data_dir, "train")
     if settings.calibration_blocks > len(train):
@@ -149,38 +139,12 @@ def calibration_tokens(data_dir: str, settings: QuantizeSettings) -> torch.Tenso
 
 def run(model_dir: str, out: str, settings: QuantizeSettings, data_dir: str | None = None) -> None:
     started = time.time()
-    check_settings(settings, data_dir)
-    inputs = {"model": model_dir, **({"data": data_dir} if settings.scheme in CALIBRATED else {})}
-    if settings.scheme == "gguf":
-        gguf.check_writable(model_dir)  # before loading weights
-        model = load_model(model_dir)
-        params = model.num_parameters()
-        with atomic_dir(out) as tmp:
-            tensor_types = gguf.write_gguf(model, model_dir, tmp / gguf.GGUF_FILE, settings.type)
-            del model  # the check below loads the file's own copy: never two models in memory
-            check_runs(tmp, settings.scheme)
-            write_manifest(tmp, "quantize", settings, inputs, started, params=params, gguf_tensor_types=tensor_types)
-        return
-    # Checks that need no weights first: a bad group size or architecture fails in a second.
-    layers, params = gptq.quantized_linears(model_dir)
-    check_weights(model_dir)  # GPTQModel reads the files itself: pickles, a damaged file are refused here
-    if settings.scheme in GPTQ_SCHEMES:
-        gptq.check_no_remote_code(model_dir)
-        gptq.check_group_size(layers, settings)
-    if settings.scheme == "w8a8":
-        smoothquant.check_architecture(model_dir)
-    calibration = calibration_tokens(data_dir, settings) if settings.scheme in CALIBRATED else None
-    tokenizer = load_tokenizer(model_dir)
+    scheme = check_settings(settings, data_dir)
+    source = scheme.check_source(model_dir, settings)  # a bad group size or architecture fails in a second
+    calibrated = settings.scheme in scheme.CALIBRATED
+    calibration = calibration_tokens(data_dir, settings) if calibrated else None
+    inputs = {"model": model_dir, **({"data": data_dir} if calibrated else {})}
     with atomic_dir(out) as tmp:
-        if settings.scheme in GPTQ_SCHEMES:
-            gptq.gptq_quantize(model_dir, calibration, tmp, settings)
-        elif settings.scheme == "w8a8":
-            smoothquant.w8a8_quantize(model_dir, calibration, tmp, settings.alpha, settings.dtype)
-        else:
-            model = bnb.load_quantized(model_dir, settings)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            del model
-        tokenizer.save_pretrained(str(tmp))  # ours, not a library's copy: keeps eos and the pad we set
-        carried = carry_adapter(model_dir, tmp)
-        check_runs(tmp, settings.scheme)
-        write_manifest(tmp, "quantize", settings, inputs, started, params=params, **carried)
+        written = scheme.quantize(model_dir, tmp, settings, calibration, source)
+        check_runs(tmp, settings.scheme, scheme.RUN_FIX)  # the module's model is gone: never two in memory
+        write_manifest(tmp, "quantize", settings, inputs, started, **written)

@@ -1,4 +1,4 @@
-"""bitsandbytes (LLM.int8, NF4 / FP4) and plain dtype casts: loaded quantized, saved as safetensors.
+"""bitsandbytes (LLM.int8, NF4 / FP4): loaded quantized, saved as safetensors.
 
 The quantization config lands in config.json, so `from_pretrained` reloads the
 directory as the quantized model without any argument. `lm_head` and the
@@ -6,14 +6,30 @@ embeddings are not quantized (bitsandbytes' default `modules_to_not_convert`)
 and are stored in the 16-bit `dtype`. The model is loaded
 on the CPU when no GPU is present, which also serves machines whose GPU is too
 small (seed 002). Only the base is quantized: an unmerged adapter (a recover
-prefix) is left out of the load and copied as it is (steps.quantize.carry_adapter).
+prefix) is left out of the load and copied as it is (steps.quantize.hf.carry_adapter).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from steps.artifacts import StageError
 from steps.models import load_model
+from steps.quantize import hf
+
+SCHEMES = ("bnb-int8", "bnb-nf4", "bnb-fp4")
+CALIBRATED = ()
+RUN_FIX = "bitsandbytes has no kernel for it on this device: quantize with gptq, w8a8 or dtype, or on a CUDA GPU"
+
+
+def check_settings(settings: QuantizeSettings) -> None:
+    if settings.threshold < 0:
+        raise StageError(f"bnb-int8 threshold must be 0 or more, got {settings.threshold}; LLM.int8's default is 6.0")
+
+
+check_source = hf.check_source
 
 
 def quantization_config(settings: QuantizeSettings):
@@ -29,15 +45,16 @@ def quantization_config(settings: QuantizeSettings):
     )
 
 
-def load_quantized(model_dir: str, settings: QuantizeSettings):
-    """The model of `model_dir`, cast (`dtype` scheme) or quantized by bitsandbytes on load.
+def quantize(model_dir: str, out: Path, settings: QuantizeSettings, calibration, source: hf.Source) -> dict:
+    """Load the model of `model_dir` quantized by bitsandbytes and save it into `out`.
 
     What bitsandbytes leaves unquantized (embeddings, norms, lm_head) is loaded in the 16-bit `dtype`.
     """
-    if settings.scheme == "dtype":
-        return load_model(model_dir, dtype=settings.dtype, adapter=False)
     device_map = "auto" if torch.cuda.is_available() else "cpu"
-    return load_model(
+    model = load_model(
         model_dir, dtype=settings.dtype, quantization_config=quantization_config(settings), device_map=device_map,
         adapter=False,
     )
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    return hf.finish(model_dir, out, source)

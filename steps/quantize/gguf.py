@@ -35,10 +35,13 @@ import gguf
 import torch
 
 from steps.artifacts import StageError
-from steps.models import ADAPTER_DIR, unmerged_adapter
+from steps.models import ADAPTER_DIR, load_model, unmerged_adapter
 
 log = logging.getLogger("steps")
 
+SCHEMES = ("gguf",)
+CALIBRATED = ()
+RUN_FIX = "pick another GGUF type (q8_0 keeps the most)"
 GGUF_FILE = "model.gguf"
 TensorType = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]  # the types gguf's numpy code can write
 TYPES = get_args(TensorType)
@@ -46,6 +49,23 @@ LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
 OUTPUT_TYPE = "q8_0"  # the output matrix under LOW_BIT types (llama-quantize: Q6_K)
 # config.model_type -> (GGUF architecture, whether q/k rows are reordered for llama.cpp's RoPE)
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def check_settings(settings: QuantizeSettings) -> None:
+    if settings.type not in TYPES:
+        raise StageError(f"unknown GGUF type {settings.type!r}; choose one of {list(TYPES)}")
+
+
+def check_source(model_dir: str, settings: QuantizeSettings) -> None:
+    check_writable(model_dir)  # before loading weights
+
+
+def quantize(model_dir: str, out: Path, settings: QuantizeSettings, calibration, source) -> dict:
+    """Load the model and write it as `out/model.gguf` in the GGUF `type`."""
+    model = load_model(model_dir)
+    params = model.num_parameters()
+    tensor_types = write_gguf(model, model_dir, out / GGUF_FILE, settings.type)
+    return {"params": params, "gguf_tensor_types": tensor_types}
 
 
 def check_writable(model_dir: str | Path) -> None:

@@ -12,42 +12,35 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from steps.artifacts import StageError
+from steps.quantize import hf
 
+SCHEMES = ("gptq", "rtn")
+CALIBRATED = ("gptq",)  # rtn rounds each group on its own
+RUN_FIX = "gptqmodel has no kernel for these bits / group_size on this device: try group_size 32, 64 or 128, or bits 8"
+BITS = (4, 8)
 CALIBRATION_BATCH = 8  # blocks per calibration forward: speed only, all blocks have the same length
 
 
-def quantized_linears(model_dir: str) -> tuple[list[tuple[str, int, int]], int]:
-    """(name, in_features, out_features) of the Linear layers GPTQ replaces, and the model's parameter count.
+def check_settings(settings: QuantizeSettings) -> None:
+    if settings.bits not in BITS:
+        raise StageError(f"{settings.scheme} bits must be 4 or 8, got {settings.bits}; set `bits: 4` or `bits: 8`")
+    if settings.group_size != -1 and settings.group_size < 1:
+        raise StageError(f"{settings.scheme} group_size must be positive or -1, got {settings.group_size}")
+    if not 0 < settings.damp_percent < 1:
+        raise StageError(f"gptq damp_percent must be between 0 and 1, got {settings.damp_percent}; GPTQ's default is 0.05")
 
-    Built on the meta device from config.json alone: no weights are read, so a
-    bad group size fails in a second even for a model that takes minutes to load.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from steps.models import remote_code_error
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never the interactive prompt
-    except OSError as err:  # no such directory, or no config.json in it
-        raise StageError(f"cannot quantize {model_dir}: {str(err).strip().splitlines()[0]}; point --model at a model directory") from None
-    except ValueError as err:  # a model type of its own, whose code only runs on opt-in
-        if "trust_remote_code" not in str(err):
-            raise
-        raise remote_code_error(model_dir) from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    layers = [
-        (name, m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head  # lm_head stays in full precision
-    ]
-    return layers, model.num_parameters()
+def check_source(model_dir: str, settings: QuantizeSettings) -> hf.Source:
+    source = hf.check_source(model_dir)
+    check_no_remote_code(model_dir)
+    check_group_size(source.layers, settings)
+    return source
 
 
 def check_no_remote_code(model_dir: str) -> None:
@@ -82,7 +75,8 @@ def check_group_size(layers: list[tuple[str, int, int]], settings: QuantizeSetti
                 )
 
 
-def gptq_quantize(model_dir: str, calibration: torch.Tensor | None, out: Path, settings: QuantizeSettings) -> None:
+def quantize(model_dir: str, out: Path, settings: QuantizeSettings, calibration: torch.Tensor | None,
+             source: hf.Source) -> dict:
     """Quantize with GPTQModel and save its checkpoint (config.json carries quant_method gptq) into `out`.
 
     GPTQModel reads config.json and the top-level *.safetensors of `model_dir` only: a recover prefix in
@@ -107,5 +101,13 @@ def gptq_quantize(model_dir: str, calibration: torch.Tensor | None, out: Path, s
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPTQModel.load(model_dir, config, device=device)
-    model.quantize(calibration, batch_size=CALIBRATION_BATCH)
+    # GPTQModel writes each pass's per-layer statistics to files of random names under ./logs, the workflow's own
+    # log tree, and has no setting for where: its module's directory goes to a scratch one, removed afterwards.
+    from gptqmodel.looper import loop_processor
+
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as scratch:
+        loop_processor._PROJECT_LOG_DIR = Path(scratch)
+        model.quantize(calibration, batch_size=CALIBRATION_BATCH)
     model.save(str(out))
+    del model
+    return hf.finish(model_dir, out, source)

@@ -34,11 +34,26 @@ import torch
 
 from steps.artifacts import StageError
 from steps.prune.surgery import decoder_layers  # pruning's Llama-style layer check: the same modules are read here
+from steps.quantize import hf
 
 log = logging.getLogger("steps")
 
+SCHEMES = ("w8a8",)
+CALIBRATED = ("w8a8",)
+RUN_FIX = "torchao's int8 kernels do not run it on this device: use bnb-int8 or gptq with bits 8"
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # decoder layers with the module names smoothing_groups reads
 CALIBRATION_BATCH = 8  # blocks per calibration forward
+
+
+def check_settings(settings: QuantizeSettings) -> None:
+    if not 0 <= settings.alpha <= 1:
+        raise StageError(f"w8a8 alpha must be between 0 and 1, got {settings.alpha}; SmoothQuant's default is 0.5")
+
+
+def check_source(model_dir: str, settings: QuantizeSettings) -> hf.Source:
+    source = hf.check_source(model_dir)
+    check_architecture(model_dir)
+    return source
 
 
 def check_architecture(model_dir: str) -> None:
@@ -108,8 +123,9 @@ def smooth(model, blocks: torch.Tensor, alpha: float) -> None:
             consumer.weight.mul_(factors.to(consumer.weight.dtype))
 
 
-def w8a8_quantize(model_dir: str, blocks: torch.Tensor, out: Path, alpha: float, dtype: str) -> None:
+def quantize(model_dir: str, out: Path, settings: QuantizeSettings, blocks: torch.Tensor, source: hf.Source) -> dict:
     """Smooth the float model of `model_dir`, then save torchao int8 weights + dynamic int8 activations into `out`."""
+    alpha, dtype = settings.alpha, settings.dtype
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
     from transformers import TorchAoConfig
 
@@ -125,4 +141,6 @@ def w8a8_quantize(model_dir: str, blocks: torch.Tensor, out: Path, alpha: float,
     quantization = TorchAoConfig(quant_type=Int8DynamicActivationInt8WeightConfig())
     quantized = load_model(smoothed, dtype=dtype, quantization_config=quantization, device_map="cpu", adapter=False)
     quantized.save_pretrained(str(out), safe_serialization=True)
+    del quantized
     shutil.rmtree(smoothed)
+    return hf.finish(model_dir, out, source)

@@ -25,7 +25,6 @@ checkpoints outside the output, per-step metrics JSONL, validation perplexity
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
@@ -33,9 +32,9 @@ from typing import Literal, get_args
 import torch
 
 from steps import distributed
-from steps.artifacts import (StageError, add_threads_argument, atomic_dir, run_key, settings_from, setup_logging,
-                             use_threads, write_manifest)
-from steps.data import load_split
+from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
+from steps.cli import optional, stage_cli
+from steps.prepared import load_split
 from steps.distill import DistillSettings, kd_objective
 from steps.logit_cache import CacheSettings, LogitCache
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
@@ -164,22 +163,14 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--teacher", help="the chain's teacher, for objective kd")
-    parser.add_argument("--logits", help="the chain's teacher-logit cache, for objective kd with distill.logit_cache")
-    parser.add_argument("--kd", default="{}", help="JSON of the DistillSettings the kd objective uses")
-    parser.add_argument("--checkpoints", help="resumable checkpoint directory, outside --out")
-    parser.add_argument("--metrics", help="JSONL of per-step training metrics")
-    parser.add_argument("--settings", default="{}", help="JSON of RecoverSettings")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    use_threads(args.threads)
-    run(args.model, args.data, args.out, settings_from(RecoverSettings, args.settings), args.checkpoints, args.metrics,
-        args.teacher, args.logits, settings_from(DistillSettings, args.kd))
+    with stage_cli(__doc__, argv, RecoverSettings, model="model directory to recover", data="prepared data directory",
+                   out="model directory to write", teacher=optional("the chain's teacher, for objective kd"),
+                   logits=optional("the chain's teacher-logit cache, for objective kd with distill.logit_cache"),
+                   kd=optional("JSON of the DistillSettings the kd objective uses"),
+                   checkpoints=optional("resumable checkpoint directory, outside --out"),
+                   metrics=optional("JSONL of per-step training metrics")) as args:
+        run(args.model, args.data, args.out, args.settings, args.checkpoints, args.metrics, args.teacher, args.logits,
+            settings_from(DistillSettings, args.kd or "{}"))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ MEMO = Path(".snakemake/validated")  # validated settings by content, beside Sna
 MODEL_SOURCES = ("scratch", "hub", "gguf", "path", "from", "prune_of")
 TOP = ""  # the chain of the config's top level
 DEFAULT_RECIPE = "default"
-# A dataset's fields that say how its text is read, not where it comes from; read from steps/data.py's source
+# A dataset's fields that say how its text is read, not where it comes from; read from steps/data/fetch.py's source
 # (importing the data stage would cost every dry run its imports).
-FORMAT_FIELDS = defaults.constant("steps.data", "FORMAT_FIELDS")
+FORMAT_FIELDS = defaults.constant("steps.data.fetch", "FORMAT_FIELDS")
 
 # Filled by load(): chain name -> its validated settings (TOP: the config itself), alias -> its chain,
 # dataset name -> the first chain that defines it, alias -> its `models:` entry.

@@ -89,6 +89,12 @@ def train_setting(chain, recipe, rule, key):
     return setting(section(chain, recipe, rule).get("train", {}), key, "steps.training.LoopSettings")
 
 
+@functools.cache
+def calibrated_schemes() -> frozenset[str]:
+    """Quantization schemes that read calibration blocks, as their modules in steps/quantize/ declare them."""
+    return frozenset(s for names in defaults.declared("steps.quantize", "CALIBRATED").values() for s in names)
+
+
 def job_estimate(rule, wildcards, entry):
     """steps.memory's estimate of a job's peak per rank; None when a model's architecture is not known before
     it runs."""
@@ -102,7 +108,7 @@ def job_estimate(rule, wildcards, entry):
     block = CHAINS[chain]["data"]["block_size"]
     if rule == "quantize":
         method = quant_method(chain, recipe, wildcards.quant)
-        if method["scheme"] in ("gptq", "w8a8"):
+        if method["scheme"] in calibrated_schemes():
             blocks = setting(method, "calibration_blocks", "steps.quantize.QuantizeSettings")
             return memory.quantization(student, calibration_blocks=blocks, block_size=block)
         return memory.Estimate({"weights": student.params() * memory.FLOAT32})
