@@ -1,8 +1,8 @@
 # Compression workflow: teacher -> distilled -> pruned -> recovered -> quantized -> evaluated.
 #
 #   snakemake --cores 2                              # the embedded demo (config/config.yaml)
-#   snakemake --cores 8 results/llama7b_1b_int8.eval   # the chain `llama` (config/llama.yaml), its own settings
-#   snakemake --cores 8 llama                        # that chain's own `targets:`
+#   snakemake --cores 8 results/llama7b_1b_int8.eval   # the family `llama` (config/llama.yaml), its own settings
+#   snakemake --cores 8 llama                        # that family's own `targets:`
 #   snakemake --profile profiles/slurm results/llama7b_1b_int8.eval
 #
 # Target grammar: results/[{recipe}/]{teacher}_{student}_{quant}.eval (see README.md).
@@ -24,10 +24,10 @@ gc.freeze()
 
 # The planning logic is a package (steps/workflow/, tested without Snakemake); rules/*.smk hold the rules.
 sys.path.insert(0, workflow.basedir)  # the `steps` package, also when it is not pip-installed
-from steps.workflow import chains, resources
-from steps.workflow.chains import CHAINS, all_targets
+from steps.workflow import families, resources
+from steps.workflow.families import FAMILIES, all_targets
 
-chains.load(config, workflow.basedir, workflow.overwrite_configfiles)  # validates; loads config/llama.yaml, ...
+families.load(config, workflow.basedir, workflow.overwrite_configfiles)  # validates; loads config/llama.yaml, ...
 resources.attach(workflow)  # --cores, the executor, default resources: for threads, launchers and the plan
 
 
@@ -47,11 +47,11 @@ rule all:
         "reports/summary.html",
 
 
-# `snakemake NAME` builds the `targets:` of the chain NAME (config/config.yaml `chains:`), as `all` does the top level's.
-for chain_name in config["chains"]:
+# `snakemake NAME` builds the `targets:` of the family NAME (config/config.yaml `families:`), as `all` does the top level's.
+for family_name in config["families"]:
 
     rule:
-        name: chain_name
+        name: family_name
         input:
-            CHAINS[chain_name]["targets"],
+            FAMILIES[family_name]["targets"],
         localrule: True

@@ -47,7 +47,7 @@ from steps.logit_cache import CacheSettings, build as build_cache
 
 # (teacher, student, recipe) per config; a config not named here benchmarks its first target's pair.
 # SmolLM2's first target distils SmolLM2 into itself; the pruned-teacher chain is a real KD problem.
-CHAINS = {"smollm2": ("smollm2", "smollm2-p", "pruned-teacher")}
+FAMILIES = {"smollm2": ("smollm2", "smollm2-p", "pruned-teacher")}
 ROWS = ("ce", "forward_kl", "reverse_kl", "jsd", "fkl_cache", "fkl_onpol", "fkl_hidden")
 
 
@@ -59,7 +59,7 @@ def chain(config_path: str, teacher: str | None = None, student: str | None = No
     from snakemake.utils import update_config
 
     config = load_config(config_path)
-    default = CHAINS.get(Path(config_path).stem)
+    default = FAMILIES.get(Path(config_path).stem)
     if default:
         t_alias, s_alias, recipe = default
     else:

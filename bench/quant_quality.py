@@ -31,7 +31,7 @@ from steps.quantize import QuantizeSettings, run as quantize
 
 def load_config(path: str) -> dict:
     """The settings a chain runs with: config/config.yaml's top level (the demo), or a chain's own file
-    (config/smollm2.yaml) alone, never merged over the demo (steps/workflow/chains.py)."""
+    (config/smollm2.yaml) alone, never merged over the demo (steps/workflow/families.py)."""
     return yaml.safe_load(Path(path).read_text())
 
 

@@ -1,7 +1,7 @@
 # Wildcard constraints and the rules that run where Snakemake runs. The functions the rules call live in
 # steps/workflow/ (plain Python, tested without Snakemake; no torch: a no-op `snakemake -n` stays fast).
 
-from steps.workflow.chains import DATASET_CHAIN, MODELS
+from steps.workflow.families import DATASET_FAMILY, MODELS
 from steps.workflow.paths import NAME, one_of
 
 
@@ -10,7 +10,7 @@ wildcard_constraints:
     student=NAME,
     recipe=NAME,
     quant=NAME,
-    dataset=one_of(DATASET_CHAIN),
+    dataset=one_of(DATASET_FAMILY),
     alias=one_of(MODELS),
     stage=rf"distilled|pruned|recovered|quant/{NAME}",
     data=one_of(MODELS),

@@ -3,7 +3,7 @@
 import shlex
 
 from steps.fingerprint import code_fingerprint
-from steps.workflow.chains import all_targets
+from steps.workflow.families import all_targets
 from steps.workflow.inputs import (
     base_eval_inputs, built_results, chain_data, eval_model, malformed_target, report_args, report_inputs, settings_for,
 )
@@ -31,7 +31,7 @@ rule evaluate:
         " --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
-# A base model (teacher, student) on one chain data: shared by every pair and recipe that reads it.
+# A base model (teacher, student) on one chain's data: shared by every pair and recipe that reads it.
 use rule evaluate as evaluate_base with:
     input:
         unpack(base_eval_inputs),

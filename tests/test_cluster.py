@@ -67,7 +67,7 @@ def test_the_plan_has_a_line_for_every_training_and_quantization_job(tmp_path):
 def test_an_undersized_pair_fails_the_dry_run_in_one_line(tmp_path):
     copy_workflow(tmp_path / "run")
     (tmp_path / "run" / "small.yaml").write_text(yaml.safe_dump(
-        {"chains": {"llama": {"resources": {"pairs": {"llama13b_llama7b": {"distill": {"nodes": 1, "gpu": 1}}}}}}}))
+        {"families": {"llama": {"resources": {"pairs": {"llama13b_llama7b": {"distill": {"nodes": 1, "gpu": 1}}}}}}}))
     text = snakemake(tmp_path / "run", CHAIN, "--configfile=small.yaml", check=False)
     line = next(line for line in text.splitlines() if "needs about" in line)
     assert line.strip().startswith("ValueError: memory plan: distill llama13b_llama7b needs about ")
@@ -177,7 +177,7 @@ def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_agains
 @pytest.mark.workflow
 def test_a_model_file_the_plan_cannot_read_leaves_its_jobs_unestimated_not_the_run_stopped(tmp_path):
     """An empty GGUF file: base_model says what is wrong with it, in its own line, when it runs."""
-    from test_chains import GGUF
+    from test_families import GGUF
 
     run = copy_workflow(tmp_path / "run")
     (run / GGUF).parent.mkdir(parents=True)

@@ -31,17 +31,17 @@ def merged(*paths):
     return config
 
 
-def chain_files():
-    """The files config/config.yaml loads as chains."""
-    return [REPO / entry["configfile"] for entry in load(REPO / "config" / "config.yaml")["chains"].values()]
+def family_files():
+    """The files config/config.yaml loads as families."""
+    return [REPO / entry["configfile"] for entry in load(REPO / "config" / "config.yaml")["families"].values()]
 
 
-@pytest.mark.parametrize("extra", [[], *[[p] for p in sorted((REPO / "tests" / "config").glob("*.yaml"))], *[[p] for p in chain_files()]],
+@pytest.mark.parametrize("extra", [[], *[[p] for p in sorted((REPO / "tests" / "config").glob("*.yaml"))], *[[p] for p in family_files()]],
                          ids=lambda e: e[0].name if e else "config.yaml")
 def test_shipped_configs_validate(extra, tmp_path):
-    """The top level (config.yaml, with a test config merged over it) against the whole schema; a chain's file
-    alone against `settings`, as steps/workflow/chains.py loads it."""
-    if extra and extra[0] in chain_files():
+    """The top level (config.yaml, with a test config merged over it) against the whole schema; a family's file
+    alone against `settings`, as steps/workflow/families.py loads it."""
+    if extra and extra[0] in family_files():
         config, schema = load(extra[0]), yaml.safe_load(Path(SCHEMA).read_text())
         (tmp_path / "settings.yaml").write_text(yaml.safe_dump(
             {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": "#/$defs/settings", "unevaluatedProperties": False}))
@@ -55,8 +55,8 @@ def test_shipped_configs_validate(extra, tmp_path):
     assert named <= RULES | {"default"}, f"not rules: {named - RULES}"
 
 
-def test_every_yaml_under_config_is_the_schema_the_top_level_or_a_chain():
-    assert {p.name for p in (REPO / "config").glob("*.yaml")} == {"schema.yaml", "config.yaml", *(p.name for p in chain_files())}
+def test_every_yaml_under_config_is_the_schema_the_top_level_or_a_family():
+    assert {p.name for p in (REPO / "config").glob("*.yaml")} == {"schema.yaml", "config.yaml", *(p.name for p in family_files())}
 
 
 def test_defaults_are_filled_in():
@@ -243,14 +243,14 @@ def test_schema_and_settings_dataclass_agree_field_by_field(definition, settings
 
 
 @pytest.mark.workflow
-def test_a_typo_in_a_chain_stops_snakemake_in_one_line_naming_the_chain(tmp_path):
+def test_a_typo_in_a_family_stops_snakemake_in_one_line_naming_the_family(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("chains: {llama: {distill: {temprature: 2.0}}}\n")
+    bad.write_text("families: {llama: {distill: {temprature: 2.0}}}\n")
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          f"--configfile={bad}"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert ("chain 'llama' (config/llama.yaml) is not valid: Additional properties are not allowed ('temprature' was "
+    assert ("family 'llama' (config/llama.yaml) is not valid: Additional properties are not allowed ('temprature' was "
             "unexpected) (at ['distill'])\n") in result.stderr + result.stdout

@@ -1,6 +1,6 @@
-"""config/llama.yaml, the Llama-2 example: the chain `llama` of config/config.yaml. Its dry runs plan the full
-chains from a plain `snakemake TARGET` (no --configfile), with its own settings, and download nothing; the demo's
-plan does not change because the chain is there.
+"""config/llama.yaml, the Llama-2 example: the family `llama` of config/config.yaml. Its dry runs plan the
+full chains from a plain `snakemake TARGET` (no --configfile), with its own settings, and download nothing; the demo's
+plan does not change because the family is there.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def outputs(planned: list[dict], rule: str) -> list[str]:
 
 
 @pytest.mark.workflow
-def test_the_design_cards_command_plans_the_llama_chain_with_its_settings(tmp_path):
+def test_the_design_cards_command_plans_the_llama_family_with_its_settings(tmp_path):
     """`snakemake --cores 8 results/llama7b_1b_int8.eval`, verbatim (as a dry run), from a fresh copy of the repo."""
     text = dry_run(tmp_path / "run", "--cores", "8", "results/llama7b_1b_int8.eval")
     assert job_counts(text) == {"fetch_data": 1, "base_model": 2, "prepare_data": 1, "teacher_logits": 1, "distill": 1,
@@ -127,10 +127,10 @@ def test_derived_alias_plans_13b_to_7b_first(tmp_path):
 
 
 @pytest.mark.workflow
-def test_a_bare_run_builds_the_demo_and_the_chains_name_builds_its_targets(tmp_path):
+def test_a_bare_run_builds_the_demo_and_a_familys_name_builds_its_targets(tmp_path):
     demo = jobs(dry_run(tmp_path / "run"))
     assert outputs(demo, "report")[-1] == "results/teacher_student_int8.eval"
-    assert not any("llama" in out or "smollm2" in out for job in demo for out in job["output"]), "no chain job"
+    assert not any("llama" in out or "smollm2" in out for job in demo for out in job["output"]), "no other family's job"
     llama = jobs(snakemake(tmp_path / "run", "llama"))
     assert [out for out in outputs(llama, "report") if out.endswith(".eval")] == yaml.safe_load(LLAMA.read_text())["targets"]
 
@@ -140,25 +140,25 @@ def plan(text: str) -> list:
 
 
 @pytest.mark.workflow
-def test_the_chains_change_nothing_in_the_demo_and_the_demo_nothing_in_them(tmp_path):
-    """The demo plans the same jobs with the same params with or without the chains; a demo setting changed
-    through a --configfile changes no Llama job, and a Llama setting changed under `chains:` no demo job."""
+def test_the_families_change_nothing_in_the_demo_and_the_demo_nothing_in_them(tmp_path):
+    """The demo plans the same jobs with the same params with or without the other families; a demo setting changed
+    through a --configfile changes no Llama job, and a Llama setting changed under `families:` no demo job."""
     demo_targets = ("results/teacher_student_int8.eval", "results/lora16/teacher_student_nf4.eval")
-    with_chains = dry_run(tmp_path / "with", *demo_targets)
+    with_families = dry_run(tmp_path / "with", *demo_targets)
     copy_workflow(tmp_path / "without")
     config = tmp_path / "without" / "config" / "config.yaml"
-    config.write_text(re.sub(r"^chains:\n(  .*\n)+", "", config.read_text(), flags=re.M))
-    assert "\nchains:" not in config.read_text()
-    assert plan(with_chains) == plan(snakemake(tmp_path / "without", *demo_targets))
+    config.write_text(re.sub(r"^families:\n(  .*\n)+", "", config.read_text(), flags=re.M))
+    assert "\nfamilies:" not in config.read_text()
+    assert plan(with_families) == plan(snakemake(tmp_path / "without", *demo_targets))
 
     demo_setting, llama_setting = tmp_path / "demo.yaml", tmp_path / "llama.yaml"
     demo_setting.write_text("distill: {train: {lr: 0.5}}\n")
-    llama_setting.write_text("chains: {llama: {recover: {rank: 4}}}\n")
+    llama_setting.write_text("families: {llama: {recover: {rank: 4}}}\n")
     llama_targets = ("results/llama7b-d_1b_int8.eval", "results/prune40/llama7b_1b_nf4.eval")
     llama = dry_run(tmp_path / "llama", *llama_targets)
     assert plan(llama) == plan(snakemake(tmp_path / "llama", *llama_targets, f"--configfile={demo_setting}"))
-    assert '"intermediate_size": 0.4' in llama  # the chain's recipe reached its prune job
-    assert plan(with_chains) == plan(snakemake(tmp_path / "with", *demo_targets, f"--configfile={llama_setting}"))
+    assert '"intermediate_size": 0.4' in llama  # the family's recipe reached its prune job
+    assert plan(with_families) == plan(snakemake(tmp_path / "with", *demo_targets, f"--configfile={llama_setting}"))
     recovers = [job for job in jobs(snakemake(tmp_path / "llama", *llama_targets, f"--configfile={llama_setting}"))
                 if job["rule"] == "recover"]
     assert len(recovers) == 3 and all('"rank": 4' in job["shell"] for job in recovers)

@@ -146,7 +146,7 @@ def tiny_config(**models) -> dict:
     return config
 
 
-def test_the_schema_takes_a_pruned_alias_and_checks_its_settings_as_the_chains():
+def test_the_schema_takes_a_pruned_alias_and_checks_its_settings_as_the_families():
     validate(tiny_config(**ALIASES), str(REPO / "config" / "schema.yaml"))
     typo = {"prune_of": "teacher", "prune": {"target": {"intermediate_sise": 64}}}
     with pytest.raises(WorkflowError, match="Additional properties are not allowed .'intermediate_sise'"):

@@ -1,5 +1,5 @@
 """The planning package (steps/workflow/) on the project's own configs, without Snakemake running: targets,
-paths, recipe sharing, chain lookup, resources per pair, threads and the memory plan's refusal."""
+paths, recipe sharing, family lookup, resources per pair, threads and the memory plan's refusal."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from snakemake.iocontainers import Wildcards
 
-from steps.workflow import chains, inputs, paths, plan, resources
+from steps.workflow import families, inputs, paths, plan, resources
 
 DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -23,10 +23,10 @@ def wildcards(**values):
 
 @pytest.fixture
 def demo(monkeypatch, tmp_path):
-    """The demo config with its chains loaded, and a local Snakemake run on 2 cores."""
+    """The demo config with its families loaded, and a local Snakemake run on 2 cores."""
     monkeypatch.chdir(tmp_path)  # .snakemake/validated
     config = copy.deepcopy(DEMO)
-    chains.load(config, str(REPO))
+    families.load(config, str(REPO))
     workflow = types.SimpleNamespace(executor_plugin=types.SimpleNamespace(name="local"), dryrun=False,
                                      resource_settings=types.SimpleNamespace(cores=2, default_resources=None))
     monkeypatch.setattr(resources, "workflow", workflow)
@@ -43,20 +43,20 @@ def test_targets_parse_into_their_fields():
     assert paths.TARGET.fullmatch("results/tea_cher_student_int8.eval") is None  # `_` only separates fields
 
 
-def test_each_alias_belongs_to_its_chain(demo):
-    assert chains.chain_of("teacher") == chains.TOP
-    assert chains.chain_of("llama7b") == "llama"
-    assert chains.job_chain(wildcards(teacher="llama7b", student="1b", recipe="default")) == "llama"
-    assert chains.job_chain(wildcards(dataset="stdlib")) == chains.TOP
-    with pytest.raises(ValueError, match="pairs aliases of two chains.*define both aliases in one chain"):
-        chains.pair_chain("teacher", "llama7b")
+def test_each_alias_belongs_to_its_family(demo):
+    assert families.family_of("teacher") == families.TOP
+    assert families.family_of("llama7b") == "llama"
+    assert families.job_family(wildcards(teacher="llama7b", student="1b", recipe="default")) == "llama"
+    assert families.job_family(wildcards(dataset="stdlib")) == families.TOP
+    with pytest.raises(ValueError, match="pairs aliases of two families.*define both aliases in one family"):
+        families.pair_family("teacher", "llama7b")
     with pytest.raises(ValueError, match="unknown model alias 'nope'.*add it under `models:`"):
-        chains.chain_of("nope")
+        families.family_of("nope")
 
 
-def test_a_chain_fills_its_gaps_from_the_schema_not_from_the_demo(demo):
-    assert chains.CHAINS["llama"]["data"]["dataset"] != demo["data"]["dataset"]
-    assert chains.CHAINS["smollm2"]["models"].keys().isdisjoint(demo["models"])
+def test_a_family_fills_its_gaps_from_the_schema_not_from_the_demo(demo):
+    assert families.FAMILIES["llama"]["data"]["dataset"] != demo["data"]["dataset"]
+    assert families.FAMILIES["smollm2"]["models"].keys().isdisjoint(demo["models"])
 
 
 def test_every_stage_gets_its_paths(demo):
@@ -77,8 +77,8 @@ def test_every_stage_gets_its_paths(demo):
 
 def test_a_recipe_owns_only_the_stages_it_changes(demo):
     # lora16 changes recover: it reads the default's distilled and pruned models and builds its own recovered one
-    assert paths.stage_owner(chains.TOP, "lora16", "pruned") == "default"
-    assert paths.stage_owner(chains.TOP, "lora16", "recovered") == "lora16"
+    assert paths.stage_owner(families.TOP, "lora16", "pruned") == "default"
+    assert paths.stage_owner(families.TOP, "lora16", "recovered") == "lora16"
     assert paths.chain_dir("lora16", "teacher", "student", "pruned") == "models/default/teacher_student/pruned"
     settings = inputs.settings_for("prune")
     with pytest.raises(ValueError, match="recipe 'lora16' has the settings of 'default'.*models/default/teacher_student/pruned"):
@@ -88,13 +88,13 @@ def test_a_recipe_owns_only_the_stages_it_changes(demo):
 
 
 def test_a_pair_takes_its_own_resources_over_the_rules(demo):
-    assert resources.chain_resources("llama", "distill")["gpu"] == 1
-    pair = resources.chain_resources("llama", "distill", "llama13b_llama7b")
+    assert resources.family_resources("llama", "distill")["gpu"] == 1
+    pair = resources.family_resources("llama", "distill", "llama13b_llama7b")
     assert (pair["nodes"], pair["gpu"], pair["cpus_per_task"], pair["slurm_partition"]) == (2, 8, 64, "gpu")
     assert resources.ranks(pair) == 16
     assert resources.snakemake_resources(pair)["gres"] == "gpu:8" and "gpu_mem_mb" not in resources.snakemake_resources(pair)
     # the teacher's cache runs like distill, but as one process: not across the pair's nodes
-    cache = resources.chain_resources("llama", "teacher_logits", "llama13b_llama7b")
+    cache = resources.family_resources("llama", "teacher_logits", "llama13b_llama7b")
     assert "nodes" not in cache and cache["gpu"] == 8
 
 
@@ -118,13 +118,13 @@ def test_a_validated_config_is_remembered_by_its_content(demo, tmp_path, monkeyp
     """A run with an unchanged config skips jsonschema; any change validates again (a failure is never remembered)."""
     import snakemake.utils
 
-    assert len(list((tmp_path / ".snakemake" / "validated").glob("*.json"))) == 3  # the top level and two chains
+    assert len(list((tmp_path / ".snakemake" / "validated").glob("*.json"))) == 3  # the top level and two families
     calls = []
     monkeypatch.setattr(snakemake.utils, "validate", lambda settings, schema: calls.append(settings))
     again = copy.deepcopy(DEMO)
-    chains.load(again, str(REPO))
+    families.load(again, str(REPO))
     assert again == demo and calls == []  # the schema's defaults filled in, from the memo
     changed = copy.deepcopy(DEMO)
     changed["data"]["seed"] = 1
-    chains.load(changed, str(REPO))
-    assert len(calls) == 1 and calls[0]["data"]["seed"] == 1  # the top level changed, its chains did not
+    families.load(changed, str(REPO))
+    assert len(calls) == 1 and calls[0]["data"]["seed"] == 1  # the top level changed, the other families did not

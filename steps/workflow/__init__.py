@@ -4,7 +4,8 @@ How a target becomes jobs: Snakemake matches `results/[{recipe}/]{teacher}_{stud
 rules in rules/*.smk, and each rule's inputs, params, threads and resources are functions of the job's
 wildcards defined here:
 
-- `chains`: the config and its chains (one validated settings tree per file), and which chain a job runs with.
+- `families`: the config and its families (one validated settings tree per file: the demo's top level,
+  config/llama.yaml, ...), and which family a job runs with.
 - `paths`: where every model, dataset and evaluation lives, and which recipe's directory holds a stage that
   several recipes share.
 - `inputs`: the rules' input and param functions.

@@ -9,8 +9,8 @@ from __future__ import annotations
 import glob
 import os
 
-from steps.workflow.chains import (
-    CHAINS, DATASET_CHAIN, DEFAULT_RECIPE, FORMAT_FIELDS, all_targets, chain_of, dataset_of, dataset_source, job_chain, model_spec,
+from steps.workflow.families import (
+    FAMILIES, DATASET_FAMILY, DEFAULT_RECIPE, FORMAT_FIELDS, all_targets, family_of, dataset_of, dataset_source, job_family, model_spec,
     quant_method, section,
 )
 from steps.workflow.paths import (
@@ -34,7 +34,7 @@ def base_inputs(wildcards):
 
 
 def prune_inputs(wildcards):
-    """The source model, and calibration data from the chain's dataset in the source's tokens."""
+    """The source model, and calibration data from the family's dataset in the source's tokens."""
     source = prune_source(wildcards.alias)
     return {"model": base_dir(source), "data": data_dir(source)}
 
@@ -54,32 +54,32 @@ def distill_inputs(wildcards):
         "student": base_dir(wildcards.student),
         "data": data_dir(wildcards.teacher),
     }
-    logits = logit_cache_dir(job_chain(wildcards), wildcards.recipe, wildcards.teacher)
+    logits = logit_cache_dir(job_family(wildcards), wildcards.recipe, wildcards.teacher)
     return {**inputs, "logits": logits} if logits else inputs
 
 
-def recover_kd(chain, recipe):
+def recover_kd(family, recipe):
     """The distill settings recover's `objective: kd` uses, or None for plain next-token recovery."""
-    if section(chain, recipe, "recover").get("objective", "lm") != "kd":
+    if section(family, recipe, "recover").get("objective", "lm") != "kd":
         return None
-    return {key: value for key, value in section(chain, recipe, "distill").items() if key in KD_LOSS_KEYS}
+    return {key: value for key, value in section(family, recipe, "distill").items() if key in KD_LOSS_KEYS}
 
 
 def recover_inputs(wildcards):
     """The pruned model and data; with `objective: kd` also the chain's teacher and its logit cache, if any."""
     inputs = {"model": upstream("pruned")(wildcards), "data": chain_data(wildcards)}
-    chain = job_chain(wildcards)
-    if recover_kd(chain, wildcards.recipe) is None:
+    family = job_family(wildcards)
+    if recover_kd(family, wildcards.recipe) is None:
         return inputs
     inputs["teacher"] = base_dir(wildcards.teacher)
-    logits = logit_cache_dir(chain, wildcards.recipe, wildcards.teacher)
+    logits = logit_cache_dir(family, wildcards.recipe, wildcards.teacher)
     return {**inputs, "logits": logits} if logits else inputs
 
 
 def kd_settings(wildcards):
     """Param: recover's --kd JSON (`{}` for `objective: lm`). Apart from the paths in `kd_inputs`: Snakemake
     never compares a param function that reads `input` or `output`, so a settings change would not rerun."""
-    return as_json(recover_kd(job_chain(wildcards), wildcards.recipe) or {})
+    return as_json(recover_kd(job_family(wildcards), wildcards.recipe) or {})
 
 
 def kd_inputs(wildcards, input):
@@ -119,12 +119,12 @@ def cache_args(wildcards, input):
 
 def report_args(wildcards, input):
     """The chain's evaluations, its target, and the training logs whose curves the page draws (when present)."""
-    recipe, chain = getattr(wildcards, "recipe", DEFAULT_RECIPE), job_chain(wildcards)
+    recipe, family = getattr(wildcards, "recipe", DEFAULT_RECIPE), job_family(wildcards)
     pair = f"{wildcards.teacher}_{wildcards.student}"
     args = [f"--eval {name}={path}" for name, path in input.items()]
     args.append(f"--target {recipe}/{wildcards.teacher}/{wildcards.student}/{wildcards.quant}")
     args += [
-        f"--curves {step}=logs/{step}/{stage_owner(chain, recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
+        f"--curves {step}=logs/{step}/{stage_owner(family, recipe, STAGE_OF[step])}/{pair}.metrics.jsonl"
         for step in ("distill", "recover")
     ]
     return " ".join(args)
@@ -154,15 +154,15 @@ def settings_for(name):
     a stage that another recipe's directory holds is refused here, where every chain rule passes."""
 
     def settings(wildcards):
-        chain = job_chain(wildcards)
-        values = section(chain, wildcards.recipe, name)
+        family = job_family(wildcards)
+        values = section(family, wildcards.recipe, name)
         if name == "quantize":
-            values = quant_method(chain, wildcards.recipe, wildcards.quant)
+            values = quant_method(family, wildcards.recipe, wildcards.quant)
             stage = f"quant/{wildcards.quant}"
         else:
             stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
         evaluated = name == "evaluate"
-        check_owner(chain, wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
+        check_owner(family, wildcards.recipe, stage, job_path(wildcards, stage, evaluated), evaluated)
         return as_json(values)
 
     return settings
@@ -173,22 +173,22 @@ def model_spec_json(wildcards):
 
 
 def alias_prune_settings(wildcards):
-    """A pruned alias's own `prune:` entry (PruneSettings defaults fill the rest; the chain's `prune:` section
-    is not merged in, so a chain setting never rebuilds a base model)."""
+    """A pruned alias's own `prune:` entry (PruneSettings defaults fill the rest; the family's `prune:`
+    section is not merged in, so a family's setting never rebuilds a base model)."""
     return as_json(model_spec(wildcards.alias)["prune"])
 
 
 def tokenizer_settings(wildcards):
     """The tokenizer learns the text `prepare` will tokenize: its dataset's format fields go with it."""
-    spec, chain = model_spec(wildcards.alias)["tokenizer"], chain_of(wildcards.alias)
+    spec, family = model_spec(wildcards.alias)["tokenizer"], family_of(wildcards.alias)
     dataset = spec.get("dataset", dataset_of(wildcards.alias))
-    entry = CHAINS[chain]["datasets"].get(dataset, {})
+    entry = FAMILIES[family]["datasets"].get(dataset, {})
     return as_json({"dataset": dataset, **spec, **{k: entry[k] for k in FORMAT_FIELDS if k in entry}})
 
 
 def fetched_dataset(wildcards):
-    """fetch_data's dataset entry, from the first chain that defines it (every such chain agrees on its source)."""
-    return CHAINS[DATASET_CHAIN[wildcards.dataset]]["datasets"][wildcards.dataset]
+    """fetch_data's dataset entry, from the first family that defines it (every such family agrees on its source)."""
+    return FAMILIES[DATASET_FAMILY[wildcards.dataset]]["datasets"][wildcards.dataset]
 
 
 def local_source(wildcards):
@@ -203,10 +203,10 @@ def dataset_spec(wildcards):
 
 
 def prepare_settings(wildcards):
-    """The chain's preprocessing settings plus its dataset's own format fields."""
-    chain = chain_of(wildcards.alias)
-    data = {k: v for k, v in CHAINS[chain]["data"].items() if k != "dataset"}
-    spec = CHAINS[chain]["datasets"][wildcards.dataset]
+    """The family's preprocessing settings plus its dataset's own format fields."""
+    family = family_of(wildcards.alias)
+    data = {k: v for k, v in FAMILIES[family]["data"].items() if k != "dataset"}
+    spec = FAMILIES[family]["datasets"][wildcards.dataset]
     return as_json({**data, **{k: spec[k] for k in FORMAT_FIELDS if k in spec}})
 
 

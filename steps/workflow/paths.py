@@ -13,11 +13,11 @@ import json
 import os
 import re
 
-from steps.workflow.chains import CHAINS, DEFAULT_RECIPE, MODELS, cleared_on_load, dataset_of, model_spec, pair_chain, quant_method, recipe_overrides, section
+from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, MODELS, cleared_on_load, dataset_of, model_spec, pair_family, quant_method, recipe_overrides, section
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
 TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
-CHAIN_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
+STAGE_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
 STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  # the model each training step makes
 
 
@@ -85,10 +85,10 @@ def base_dir(alias):
     return f"models/base/{alias}"
 
 
-def logit_cache_dir(chain, recipe, teacher):
+def logit_cache_dir(family, recipe, teacher):
     """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
     teacher, dataset, k and dtype only: every student and recipe with those shares one cache."""
-    cache = section(chain, recipe, "distill").get("logit_cache", {})
+    cache = section(family, recipe, "distill").get("logit_cache", {})
     if not cache.get("top_k"):
         return None
     return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
@@ -99,34 +99,34 @@ def logit_cache_dir(chain, recipe, teacher):
 
 @cleared_on_load
 @functools.cache
-def stage_key(chain, recipe, stage, evaluated=False):
+def stage_key(family, recipe, stage, evaluated=False):
     """What makes `recipe`'s `stage` model (and, `evaluated`, its evaluation), as canonical JSON."""
     if stage.startswith("quant/"):
-        methods = section(chain, recipe, "quantize")["methods"]
-        settings = {"upstream": stage_key(chain, recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
+        methods = section(family, recipe, "quantize")["methods"]
+        settings = {"upstream": stage_key(family, recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
     elif stage == "base":  # a base model's evaluation: the same model in every recipe
         settings = {}
     else:
-        settings = {name: section(chain, recipe, name) for name in CHAIN_SECTIONS[stage]}
+        settings = {name: section(family, recipe, name) for name in STAGE_SECTIONS[stage]}
     if evaluated:
-        settings["evaluate"] = section(chain, recipe, "evaluate")
+        settings["evaluate"] = section(family, recipe, "evaluate")
     return as_json(settings)
 
 
 @cleared_on_load
 @functools.cache
-def stage_owner(chain, recipe, stage, evaluated=False):
+def stage_owner(family, recipe, stage, evaluated=False):
     """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
-    key = stage_key(chain, recipe, stage, evaluated)
-    recipes = (DEFAULT_RECIPE, *sorted(CHAINS[chain]["recipes"]))
-    return next(r for r in recipes if r == recipe or stage_key(chain, r, stage, evaluated) == key)
+    key = stage_key(family, recipe, stage, evaluated)
+    recipes = (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"]))
+    return next(r for r in recipes if r == recipe or stage_key(family, r, stage, evaluated) == key)
 
 
 
-def check_owner(chain, recipe, stage, path, evaluated=False):
+def check_owner(family, recipe, stage, path, evaluated=False):
     """An explicit path of a stage that another recipe's directory holds is refused, naming that directory
     (building it again would give the same model twice)."""
-    owner = stage_owner(chain, recipe, stage, evaluated)
+    owner = stage_owner(family, recipe, stage, evaluated)
     if owner != recipe:
         raise ValueError(
             f"{path} is not built: recipe {recipe!r} has the settings of {owner!r} up to this stage, so it reads "
@@ -135,29 +135,29 @@ def check_owner(chain, recipe, stage, path, evaluated=False):
 
 
 def chain_dir(recipe, teacher, student, stage):
-    chain = pair_chain(teacher, student)
-    recipe_overrides(chain, recipe)  # fail early on an unknown recipe
-    return f"models/{stage_owner(chain, recipe, stage)}/{teacher}_{student}/{stage}"
+    family = pair_family(teacher, student)
+    recipe_overrides(family, recipe)  # fail early on an unknown recipe
+    return f"models/{stage_owner(family, recipe, stage)}/{teacher}_{student}/{stage}"
 
 
-def base_eval(chain, recipe, alias, data):
+def base_eval(family, recipe, alias, data):
     """The evaluation of base model `alias` on the chain data `data/{dataset}/{data}`: one file for every pair
     and recipe that uses it (the recipes with the same `evaluate:` section), and one for a teacher that is
     also the student."""
-    return f"evals/{stage_owner(chain, recipe, 'base', evaluated=True)}/base/{data}/{alias}.json"
+    return f"evals/{stage_owner(family, recipe, 'base', evaluated=True)}/base/{data}/{alias}.json"
 
 
 def chain_evals(recipe, teacher, student, quant):
     """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
     itself: its evaluation, not a second one."""
-    chain, data = pair_chain(teacher, student), data_dir(teacher).rpartition("/")[2]
-    quantized = "recovered" if quant_method(chain, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
+    family, data = pair_family(teacher, student), data_dir(teacher).rpartition("/")[2]
+    quantized = "recovered" if quant_method(family, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
     stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
     return {
-        "teacher": base_eval(chain, recipe, teacher, data),
-        "student": base_eval(chain, recipe, student, data),
+        "teacher": base_eval(family, recipe, teacher, data),
+        "student": base_eval(family, recipe, student, data),
         **{
-            name: f"evals/{stage_owner(chain, recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
+            name: f"evals/{stage_owner(family, recipe, stage, evaluated=True)}/{teacher}_{student}/{stage}.json"
             for name, stage in stages.items()
         },
     }
@@ -167,6 +167,6 @@ def job_path(wildcards, stage, evaluated):
     """The output of a chain rule's job (a model directory, or its evaluation), rebuilt from its wildcards."""
     if stage == "base":
         return f"evals/{wildcards.recipe}/base/{wildcards.data}/{wildcards.alias}.json"
-    chain = f"{wildcards.recipe}/{wildcards.teacher}_{wildcards.student}/{stage}"
-    return f"evals/{chain}.json" if evaluated else f"models/{chain}"
+    path = f"{wildcards.recipe}/{wildcards.teacher}_{wildcards.student}/{stage}"
+    return f"evals/{path}.json" if evaluated else f"models/{path}"
 

@@ -9,7 +9,7 @@ import os
 
 from steps import defaults
 from steps.workflow import resources
-from steps.workflow.chains import CHAINS, job_chain, model_spec, quant_method, section
+from steps.workflow.families import FAMILIES, job_family, model_spec, quant_method, section
 from steps.workflow.inputs import recover_kd
 from steps.workflow.paths import base_dir, chain_dir, logit_cache_dir, prune_source
 from steps.workflow.resources import job_label, launchers, pair_of, ranks
@@ -85,8 +85,8 @@ def setting(values, key, settings_class):
     return values[key] if key in values else defaults.default(settings_class, key)
 
 
-def train_setting(chain, recipe, rule, key):
-    return setting(section(chain, recipe, rule).get("train", {}), key, "steps.training.LoopSettings")
+def train_setting(family, recipe, rule, key):
+    return setting(section(family, recipe, rule).get("train", {}), key, "steps.training.LoopSettings")
 
 
 @functools.cache
@@ -100,31 +100,31 @@ def job_estimate(rule, wildcards, entry):
     it runs."""
     from steps import memory
 
-    chain, recipe = job_chain(wildcards), wildcards.recipe
+    family, recipe = job_family(wildcards), wildcards.recipe
     upstream = rule in PLAN_READS and os.path.join(chain_dir(recipe, wildcards.teacher, wildcards.student, PLAN_READS[rule]), "config.json")
     student = shape(readable(read_json, upstream) if upstream and os.path.isfile(upstream) else architecture_of(wildcards.student))
     if student is None:
         return None
-    block = CHAINS[chain]["data"]["block_size"]
+    block = FAMILIES[family]["data"]["block_size"]
     if rule == "quantize":
-        method = quant_method(chain, recipe, wildcards.quant)
+        method = quant_method(family, recipe, wildcards.quant)
         if method["scheme"] in calibrated_schemes():
             blocks = setting(method, "calibration_blocks", "steps.quantize.QuantizeSettings")
             return memory.quantization(student, calibration_blocks=blocks, block_size=block)
         return memory.Estimate({"weights": student.params() * memory.FLOAT32})
-    distill = section(chain, recipe, "distill")
+    distill = section(family, recipe, "distill")
     if rule == "distill":
         kd = setting(distill, "kd_weight", "steps.distill.DistillSettings") > 0
     else:
-        kd = recover_kd(chain, recipe) is not None
+        kd = recover_kd(family, recipe) is not None
     on_policy = setting(distill.get("on_policy", {}), "share", "steps.distill.onpolicy.OnPolicySettings") > 0
-    live = logit_cache_dir(chain, recipe, wildcards.teacher) is None or on_policy  # else the cache stands in for it
+    live = logit_cache_dir(family, recipe, wildcards.teacher) is None or on_policy  # else the cache stands in for it
     teacher = shape(architecture_of(wildcards.teacher)) if kd and live else None
     if kd and live and teacher is None:
         return None
     trainable = None
     if rule == "recover":
-        recover, settings_class = section(chain, recipe, "recover"), "steps.recover.RecoverSettings"
+        recover, settings_class = section(family, recipe, "recover"), "steps.recover.RecoverSettings"
         method = setting(recover, "method", settings_class)
         if method in ("lora", "qlora"):
             targets = setting(recover, "target_modules", settings_class)
@@ -133,7 +133,7 @@ def job_estimate(rule, wildcards, entry):
             trainable = setting(recover, "trainable_layers", settings_class) * student.layer_params()
         else:
             trainable = 0  # prefix: a few virtual tokens' keys and values
-    train = functools.partial(train_setting, chain, recipe, rule)
+    train = functools.partial(train_setting, family, recipe, rule)
     return memory.training(
         student, batch_size=train("batch_size"), block_size=block, bf16=train("bf16"),
         checkpointing=train("gradient_checkpointing"), ranks=ranks(entry),
@@ -183,11 +183,11 @@ def profile_default(name):
 
 
 def memory_fix(rule, wildcards, entry):
-    chain, pair = job_chain(wildcards), pair_of(wildcards)
+    family, pair = job_family(wildcards), pair_of(wildcards)
     where = f"resources.pairs.{pair}.{rule}"
     if rule == "quantize":
         return f"give it more memory ({where}: gpu_mem_mb/mem_mb) or fewer calibration_blocks"
-    train = functools.partial(train_setting, chain, wildcards.recipe, rule)
+    train = functools.partial(train_setting, family, wildcards.recipe, rule)
     fixes = []
     if ranks(entry) == 1 or train("parallel") != "fsdp":
         fsdp = "" if train("parallel") == "fsdp" else f" with {rule}.train.parallel: fsdp"

@@ -1,7 +1,7 @@
 """Resources of each job, how a rule launches its step (one process, torchrun, or srun x torchrun across
 nodes), and its threads.
 
-A chain's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
+A family's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
 own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from steps.workflow.chains import CHAINS, DEFAULT_RECIPE, job_chain
+from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, job_family
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
@@ -32,10 +32,10 @@ def pair_of(wildcards):
     return f"{wildcards.teacher}_{wildcards.student}" if "student" in wildcards.keys() else None
 
 
-def chain_resources(chain, rule, pair=None):
-    """A rule's entry in a chain: its `default`, the entry of the rule it runs like, the rule's own, then the
+def family_resources(family, rule, pair=None):
+    """A rule's entry in a family: its `default`, the entry of the rule it runs like, the rule's own, then the
     same three of the pair's `pairs:` entry."""
-    table = CHAINS[chain]["resources"]
+    table = FAMILIES[family]["resources"]
     merged = {}
     for layer in (table, table.get("pairs", {}).get(pair, {})):
         like = {k: v for k, v in layer.get(RESOURCES_LIKE.get(rule), {}).items() if k not in ACROSS_NODES}
@@ -44,7 +44,7 @@ def chain_resources(chain, rule, pair=None):
 
 
 def job_resources(wildcards, rule):
-    return chain_resources(job_chain(wildcards), rule, pair_of(wildcards))
+    return family_resources(job_family(wildcards), rule, pair_of(wildcards))
 
 
 def launchers(entry):
@@ -69,9 +69,9 @@ def snakemake_resources(entry):
 
 
 def rule_resources(rule):
-    """The `resources:` of a rule: one function of the job's wildcards per resource any chain or pair gives it,
+    """The `resources:` of a rule: one function of the job's wildcards per resource any family or pair gives it,
     reading the job's own. A job that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
-    entries = [chain_resources(chain, rule, pair) for chain in CHAINS for pair in (None, *CHAINS[chain]["resources"].get("pairs", {}))]
+    entries = [family_resources(family, rule, pair) for family in FAMILIES for pair in (None, *FAMILIES[family]["resources"].get("pairs", {}))]
     names = {name for entry in entries for name in snakemake_resources(entry)}
 
     def resource(name):
@@ -82,7 +82,7 @@ def rule_resources(rule):
 
 
 def rule_threads(rule):
-    """`threads:` of a rule that computes: the job's `cpus_per_task` where its chain's resources give one (what SLURM
+    """`threads:` of a rule that computes: the job's `cpus_per_task` where its family's resources give one (what SLURM
     allots each task), else all of --cores (on a cluster, a profile's `cores:`; 1 without either; inside a SLURM job or
     allocation its CPUs per task, so a job's threads there are those it was submitted with). Snakemake caps it
     at --cores and --max-threads, `--set-threads RULE=N` overrides it, a job waits until its threads are free (on

@@ -1,17 +1,17 @@
-"""The config's chains, its merge rule for model aliases, and which chain each job runs with.
+"""The config's families, its merge rule for model aliases, and which family each job runs with.
 
-Chains. The top level of the config (config/config.yaml, the demo, with any --configfile merged over it) is
-one chain; `chains:` names others, each a file of the same keys (config/llama.yaml, config/smollm2.yaml).
-A job runs with the settings of the chain that defines its model aliases, and a chain's gaps take the schema's
-and the stages' defaults, never another chain's values. Aliases are one namespace (models/base/{alias}), so an
-alias belongs to one chain; a dataset name may be defined by several chains if they agree on its source.
+Families. The top level of the config (config/config.yaml, the demo, with any --configfile merged over it) is
+one family; `families:` names others, each a file of the same keys (config/llama.yaml, config/smollm2.yaml).
+A job runs with the settings of the family that defines its model aliases, and a family's gaps take the schema's
+and the stages' defaults, never another family's values. Aliases are one namespace (models/base/{alias}), so an
+alias belongs to one family; a dataset name may be defined by several families if they agree on its source.
 
 Merging. Config files merge key by key (Snakemake's --configfile), except a model alias that a later file
 gives another source: an entry naming a source key (`path:`, `hub:`, `scratch:`, ...) that the earlier entry
 does not have replaces it, so `models: {student: {path: ...}}` over the demo's scratch student is a local
 student, not a mix of both. An entry with the same source (`scratch:` over `scratch:`, as tests/config/tiny.yaml
 shrinks the demo's models) or none (`dtype: bfloat16`) still merges into the alias it names. The keys of a
-`chains:` entry merge over its file the same way.
+`families:` entry merge over its file the same way.
 
 `load(config, basedir, configfiles)` fills this module's tables once per run (the Snakefile calls it); every
 other module of the package reads them.
@@ -32,17 +32,17 @@ from steps import defaults
 
 MEMO = Path(".snakemake/validated")  # validated settings by content, beside Snakemake's own records
 MODEL_SOURCES = ("scratch", "hub", "gguf", "path", "from", "prune_of")
-TOP = ""  # the chain of the config's top level
+TOP = ""  # the family of the config's top level
 DEFAULT_RECIPE = "default"
 # A dataset's fields that say how its text is read, not where it comes from; read from steps/data/fetch.py's source
 # (importing the data stage would cost every dry run its imports).
 FORMAT_FIELDS = defaults.constant("steps.data.fetch", "FORMAT_FIELDS")
 
-# Filled by load(): chain name -> its validated settings (TOP: the config itself), alias -> its chain,
-# dataset name -> the first chain that defines it, alias -> its `models:` entry.
-CHAINS: dict[str, dict] = {}
-ALIAS_CHAIN: dict[str, str] = {}
-DATASET_CHAIN: dict[str, str] = {}
+# Filled by load(): family name -> its validated settings (TOP: the config itself), alias -> its family,
+# dataset name -> the first family that defines it, alias -> its `models:` entry.
+FAMILIES: dict[str, dict] = {}
+ALIAS_FAMILY: dict[str, str] = {}
+DATASET_FAMILY: dict[str, str] = {}
 MODELS: dict[str, dict] = {}
 _cleared_on_load = []  # functools caches over these tables (paths.stage_key, ...)
 
@@ -118,23 +118,23 @@ def validated(settings, schema):
         partial.replace(memo)
 
 
-def describe(chain):
-    """A chain as the user wrote it, for messages."""
-    if chain == TOP:
+def describe(family):
+    """A family as the user wrote it, for messages."""
+    if family == TOP:
         return "the top level of the config"
-    path = CHAINS[TOP]["chains"][chain].get("configfile")
-    return f"chain {chain!r} ({path})" if path else f"chain {chain!r}"
+    path = FAMILIES[TOP]["families"][family].get("configfile")
+    return f"family {family!r} ({path})" if path else f"family {family!r}"
 
 
-def load_chain(config, name, schema, basedir):
-    """A chain's settings: its file, the other keys of its `chains:` entry merged over it, validated alone
+def load_family(config, name, schema, basedir):
+    """A family's settings: its file, the other keys of its `families:` entry merged over it, validated alone
     against `schema` (the settings $def, which fills its gaps with defaults)."""
     from snakemake.exceptions import WorkflowError
 
-    overrides = dict(config["chains"][name])
+    overrides = dict(config["families"][name])
     path = overrides.pop("configfile", None)
     if path and not os.path.isfile(f"{basedir}/{path}"):
-        raise ValueError(f"{describe(name)}: no such file in {basedir} (fix `chains: {{{name}: {{configfile: ...}}}}`)")
+        raise ValueError(f"{describe(name)}: no such file in {basedir} (fix `families: {{{name}: {{configfile: ...}}}}`)")
     settings = read_yaml(f"{basedir}/{path}") if path else {}
     merge_over(settings, overrides)
     try:
@@ -147,70 +147,72 @@ def load_chain(config, name, schema, basedir):
 
 
 def dataset_source(spec):
-    """What fetch_data downloads; the format fields (template, ...) may differ per chain, prepare_data applies them."""
+    """What fetch_data downloads; the format fields (template, ...) may differ per family, prepare_data applies them."""
     return {key: value for key, value in spec.items() if key not in FORMAT_FIELDS}
 
 
-def chain_registry(chains):
-    """alias -> chain and dataset name -> the first chain that defines it; a name two chains define apart fails."""
-    alias_chain, dataset_chain = {}, {}
-    for chain, settings in chains.items():
+def family_registry(families):
+    """alias -> family and dataset name -> the first family that defines it; a name two families define apart fails."""
+    alias_family, dataset_family = {}, {}
+    for family, settings in families.items():
         if settings["data"]["dataset"] not in settings["datasets"]:
             raise ValueError(
-                f"{describe(chain)}: its data.dataset {settings['data']['dataset']!r} is not one of its `datasets:` "
+                f"{describe(family)}: its data.dataset {settings['data']['dataset']!r} is not one of its `datasets:` "
                 f"({', '.join(sorted(settings['datasets']))}); define it there"
             )
         for alias in settings["models"]:
-            if alias in alias_chain:
+            if alias in alias_family:
                 raise ValueError(
-                    f"model alias {alias!r} is defined by {describe(alias_chain[alias])} and by {describe(chain)}; "
-                    "an alias belongs to one chain: rename one, or drop a --configfile that repeats a chain's file (chains load without one)"
+                    f"model alias {alias!r} is defined by {describe(alias_family[alias])} and by {describe(family)}; "
+                    "an alias belongs to one family: rename one, or drop a --configfile that repeats a family's file (families load without one)"
                 )
-            alias_chain[alias] = chain
+            alias_family[alias] = family
         for name, spec in settings["datasets"].items():
-            first = dataset_chain.setdefault(name, chain)
-            if dataset_source(spec) != dataset_source(chains[first]["datasets"][name]):
+            first = dataset_family.setdefault(name, family)
+            if dataset_source(spec) != dataset_source(families[first]["datasets"][name]):
                 raise ValueError(
-                    f"dataset {name!r} has one source in {describe(first)} and another in {describe(chain)}; "
+                    f"dataset {name!r} has one source in {describe(first)} and another in {describe(family)}; "
                     f"data/{name}/raw holds one: rename one of them"
                 )
-    return alias_chain, dataset_chain
+    return alias_family, dataset_family
 
 
 def load(config, basedir, configfiles=()):
     """Validate `config` (Snakemake's, filled in place with the schema's defaults) against config/schema.yaml,
-    load each chain it names, and fill the tables above. `configfiles`: the --configfile files merged over
+    load each family it names, and fill the tables above. `configfiles`: the --configfile files merged over
     config/config.yaml, in order (only a second file can redefine an alias)."""
+    if "chains" in config:  # the key's old name: "chain" now names only a teacher's way to its quantized student
+        raise ValueError("the config key `chains:` is now `families:` (each a file of settings for its own models); rename it")
     if configfiles:
         config["models"].update(redefined_aliases([f"{basedir}/config/config.yaml", *configfiles]))
     schema = read_yaml(f"{basedir}/config/schema.yaml")
     settings = {key: schema[key] for key in ("$schema", "$defs")} | {"$ref": "#/$defs/settings", "unevaluatedProperties": False}
-    CHAINS.clear()
-    CHAINS[TOP] = config  # describe() reads the `chains:` entries while the chains load
+    FAMILIES.clear()
+    FAMILIES[TOP] = config  # describe() reads the `families:` entries while the families load
     validated(config, schema)
-    CHAINS.update({name: load_chain(config, name, settings, basedir) for name in sorted(config["chains"])})  # `settings` alone
-    alias_chain, dataset_chain = chain_registry(CHAINS)
-    ALIAS_CHAIN.clear(), ALIAS_CHAIN.update(alias_chain)
-    DATASET_CHAIN.clear(), DATASET_CHAIN.update(dataset_chain)
-    MODELS.clear(), MODELS.update({alias: CHAINS[chain]["models"][alias] for alias, chain in ALIAS_CHAIN.items()})
+    FAMILIES.update({name: load_family(config, name, settings, basedir) for name in sorted(config["families"])})  # `settings` alone
+    alias_family, dataset_family = family_registry(FAMILIES)
+    ALIAS_FAMILY.clear(), ALIAS_FAMILY.update(alias_family)
+    DATASET_FAMILY.clear(), DATASET_FAMILY.update(dataset_family)
+    MODELS.clear(), MODELS.update({alias: FAMILIES[family]["models"][alias] for alias, family in ALIAS_FAMILY.items()})
     check_pairs()
     for cached in _cleared_on_load:
         cached.cache_clear()
 
 
 def check_pairs():
-    """A `pairs:` entry names a teacher_student pair of its own chain's aliases: a misspelt one would give nothing."""
-    for chain, settings in CHAINS.items():
+    """A `pairs:` entry names a teacher_student pair of its own family's aliases: a misspelt one would give nothing."""
+    for family, settings in FAMILIES.items():
         for pair in settings["resources"].get("pairs", {}):
-            strangers = [alias for alias in pair.split("_") if ALIAS_CHAIN.get(alias) != chain]
+            strangers = [alias for alias in pair.split("_") if ALIAS_FAMILY.get(alias) != family]
             if strangers:
-                where = "the config" if chain == TOP else describe(chain)
+                where = "the config" if family == TOP else describe(family)
                 raise ValueError(f"resources.pairs.{pair} of {where}: {', '.join(map(repr, strangers))} is no model alias "
                                  f"of it (a pair is teacher_student, both defined under its `models:`)")
 
 
 def all_targets():
-    return CHAINS[TOP]["targets"]
+    return FAMILIES[TOP]["targets"]
 
 
 def model_spec(alias):
@@ -221,39 +223,39 @@ def model_spec(alias):
     return MODELS[alias]
 
 
-def chain_of(alias):
-    """The chain whose settings jobs on `alias` run with: the one that defines it."""
+def family_of(alias):
+    """The family whose settings jobs on `alias` run with: the one that defines it."""
     model_spec(alias)
-    return ALIAS_CHAIN[alias]
+    return ALIAS_FAMILY[alias]
 
 
-def pair_chain(teacher, student):
-    """The chain of a teacher/student pair: one chain must define both."""
-    teacher_chain, student_chain = chain_of(teacher), chain_of(student)
-    if teacher_chain != student_chain:
+def pair_family(teacher, student):
+    """The family of a teacher/student pair: one family must define both."""
+    teacher_family, student_family = family_of(teacher), family_of(student)
+    if teacher_family != student_family:
         raise ValueError(
-            f"{teacher}_{student} pairs aliases of two chains: {teacher!r} of {describe(teacher_chain)}, {student!r} of "
-            f"{describe(student_chain)}; a pair runs with one chain's settings: define both aliases in one chain"
+            f"{teacher}_{student} pairs aliases of two families: {teacher!r} of {describe(teacher_family)}, {student!r} of "
+            f"{describe(student_family)}; a pair runs with one family's settings: define both aliases in one family"
         )
-    return teacher_chain
+    return teacher_family
 
 
-def job_chain(wildcards):
-    """The chain of a job, from its wildcards: its pair, its model alias, or (fetch_data) its dataset."""
+def job_family(wildcards):
+    """The family of a job, from its wildcards: its pair, its model alias, or (fetch_data) its dataset."""
     names = wildcards.keys()
     if "student" in names:
-        return pair_chain(wildcards.teacher, wildcards.student)
+        return pair_family(wildcards.teacher, wildcards.student)
     if "teacher" in names or "alias" in names:  # teacher_logits; a base model or its evaluation
-        return chain_of(wildcards.teacher if "teacher" in names else wildcards.alias)
-    return DATASET_CHAIN.get(getattr(wildcards, "dataset", None), TOP)
+        return family_of(wildcards.teacher if "teacher" in names else wildcards.alias)
+    return DATASET_FAMILY.get(getattr(wildcards, "dataset", None), TOP)
 
 
-def recipe_overrides(chain, recipe):
+def recipe_overrides(family, recipe):
     if recipe == DEFAULT_RECIPE:
         return {}
-    recipes = CHAINS[chain]["recipes"]
+    recipes = FAMILIES[family]["recipes"]
     if recipe not in recipes:
-        where = "the config" if chain == TOP else describe(chain)
+        where = "the config" if family == TOP else describe(family)
         raise ValueError(
             f"unknown recipe {recipe!r}; known: {', '.join(sorted(recipes)) or 'none'} (add it under `recipes:` in {where})"
         )
@@ -267,18 +269,18 @@ def deep_merge(base, override):
     return merged
 
 
-def section(chain, recipe, name):
-    """A stage's settings: the chain's section with the recipe's overrides on top."""
-    return deep_merge(CHAINS[chain][name], recipe_overrides(chain, recipe).get(name, {}))
+def section(family, recipe, name):
+    """A stage's settings: the family's section with the recipe's overrides on top."""
+    return deep_merge(FAMILIES[family][name], recipe_overrides(family, recipe).get(name, {}))
 
 
 def dataset_of(alias):
-    """The dataset the chain of `alias` trains, prunes and evaluates on."""
-    return CHAINS[chain_of(alias)]["data"]["dataset"]
+    """The dataset the family of `alias` trains, prunes and evaluates on."""
+    return FAMILIES[family_of(alias)]["data"]["dataset"]
 
 
-def quant_method(chain, recipe, quant):
-    methods = section(chain, recipe, "quantize")["methods"]
+def quant_method(family, recipe, quant):
+    methods = section(family, recipe, "quantize")["methods"]
     if quant not in methods:
         raise ValueError(f"unknown quant method {quant!r}; known: {', '.join(sorted(methods))} (see `quantize.methods`)")
     return methods[quant]

@@ -1,21 +1,20 @@
-"""Chains (steps/workflow/chains.py): the top level of the config and each file under `chains:` are separate settings;
-a job runs with its aliases' chain, and mistakes in the chain set-up fail in one line before any job.
+"""Families (steps/workflow/families.py): the top level of the config and each file under `families:` are separate
+settings; a job runs with its aliases' family, and mistakes in the family set-up fail in one line before any job.
 config/llama.yaml's own plans are in tests/test_llama_config.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from conftest import copy_workflow
-from test_llama_config import dry_run, jobs, outputs, snakemake
+from test_llama_config import jobs, outputs, snakemake
 
 pytestmark = pytest.mark.workflow  # every test here plans the workflow
 
 GGUF = "resources/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_the_smollm2_chain_plans_with_its_own_settings(tmp_path):
+def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     workdir = copy_workflow(tmp_path / "run")
     (workdir / GGUF).parent.mkdir(parents=True)
     (workdir / GGUF).touch()  # `make smollm2` fetches it; a plan only needs it to exist
@@ -23,7 +22,7 @@ def test_the_smollm2_chain_plans_with_its_own_settings(tmp_path):
     assert [out for out in outputs(planned, "report") if out.endswith(".eval")] == sorted(
         ["results/smollm2_smollm2_gguf-q8.eval", "results/smollm2_smollm2_gguf-q4.eval",
          "results/smollm2_smollm2_int8.eval", "results/smollm2_smollm2_nf4.eval"])
-    shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}  # not the chain's own rule
+    shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}  # not the family's own rule
     assert '"block_size": 256' in shell["data/pydoc/smollm2"]  # the demo's is 128
     distill = shell["models/default/smollm2_smollm2/distilled"]
     assert '"lr": 2e-05' in distill and '"steps": 30' in distill and "weight_decay" not in distill
@@ -31,10 +30,10 @@ def test_the_smollm2_chain_plans_with_its_own_settings(tmp_path):
     assert outputs(planned, "fetch_data") == ["data/pydoc/raw"]  # the demo defines the same source: one fetch
 
 
-def test_a_chain_given_inline_in_a_configfile_plans_with_its_settings_alone(tmp_path):
+def test_a_family_given_inline_in_a_configfile_plans_with_its_settings_alone(tmp_path):
     workdir = copy_workflow(tmp_path / "run")
     (workdir / "mine.yaml").write_text(
-        "chains:\n"
+        "families:\n"
         "  mine:\n"
         "    datasets: {docs: {builtin: pydoc_topics}}\n"
         "    data: {dataset: docs, block_size: 32}\n"
@@ -54,34 +53,42 @@ def test_a_chain_given_inline_in_a_configfile_plans_with_its_settings_alone(tmp_
     assert all("mem_mb=1000" in job["resources"] for job in planned if job["rule"] == "distill"), "not the demo's 4000"
 
 
-def test_a_chain_without_settings_for_its_dataset_fails_in_one_line(tmp_path):
+def test_a_family_without_settings_for_its_dataset_fails_in_one_line(tmp_path):
     workdir = copy_workflow(tmp_path / "run")
     (workdir / "bad.yaml").write_text(
-        "chains: {bad: {datasets: {docs: {builtin: pydoc_topics}}, data: {dataset: dolly}, models: {x: {hub: a/b}}}}\n")
+        "families: {bad: {datasets: {docs: {builtin: pydoc_topics}}, data: {dataset: dolly}, models: {x: {hub: a/b}}}}\n")
     text = snakemake(workdir, "results/x_x_int8.eval", "--configfile=bad.yaml", check=False)
-    assert "chain 'bad': its data.dataset 'dolly' is not one of its `datasets:` (docs); define it there" in text
+    assert "family 'bad': its data.dataset 'dolly' is not one of its `datasets:` (docs); define it there" in text
     assert "Job stats" not in text
 
 
-def test_a_dataset_two_chains_define_apart_fails_in_one_line(tmp_path):
+def test_a_dataset_two_families_define_apart_fails_in_one_line(tmp_path):
     workdir = copy_workflow(tmp_path / "run")
-    (workdir / "bad.yaml").write_text("chains: {smollm2: {datasets: {pydoc: {builtin: python_stdlib}}}}\n")
+    (workdir / "bad.yaml").write_text("families: {smollm2: {datasets: {pydoc: {builtin: python_stdlib}}}}\n")
     text = snakemake(workdir, "--configfile=bad.yaml", check=False)
-    assert ("dataset 'pydoc' has one source in the top level of the config and another in chain 'smollm2' "
+    assert ("dataset 'pydoc' has one source in the top level of the config and another in family 'smollm2' "
             "(config/smollm2.yaml); data/pydoc/raw holds one: rename one of them") in text
 
 
-def test_a_pair_across_two_chains_fails_before_any_job(tmp_path):
+def test_a_pair_across_two_families_fails_before_any_job(tmp_path):
     copy_workflow(tmp_path / "run")
     text = snakemake(tmp_path / "run", "results/llama7b_student_int8.eval", check=False)
-    assert "llama7b_student pairs aliases of two chains: 'llama7b' of chain 'llama' (config/llama.yaml), 'student' of " \
-           "the top level of the config; a pair runs with one chain's settings: define both aliases in one chain" in text
+    assert "llama7b_student pairs aliases of two families: 'llama7b' of family 'llama' (config/llama.yaml), 'student' of " \
+           "the top level of the config; a pair runs with one family's settings: define both aliases in one family" in text
     assert "Job stats" not in text
 
 
-def test_a_chains_file_given_as_configfile_is_refused_in_one_line(tmp_path):
+def test_a_familys_file_given_as_configfile_is_refused_in_one_line(tmp_path):
     """The old way (`--configfile config/llama.yaml`) would define the Llama aliases twice."""
     copy_workflow(tmp_path / "run")
     text = snakemake(tmp_path / "run", "results/llama7b_1b_int8.eval", "--configfile=config/llama.yaml", check=False)
-    assert "model alias 'llama13b' is defined by the top level of the config and by chain 'llama' (config/llama.yaml)" in text
+    assert "model alias 'llama13b' is defined by the top level of the config and by family 'llama' (config/llama.yaml)" in text
     assert "Job stats" not in text
+
+
+def test_the_old_key_chains_is_refused_with_its_new_name(tmp_path):
+    workdir = copy_workflow(tmp_path / "run")
+    (workdir / "old.yaml").write_text("chains: {llama: {configfile: config/llama.yaml}}\n")
+    text = snakemake(workdir, "results/teacher_student_int8.eval", "--configfile=old.yaml", check=False)
+    assert "Job stats" not in text
+    assert "the config key `chains:` is now `families:`" in text
