@@ -42,8 +42,8 @@ from steps.prune.shape import AXES, Axis, protected_indices, pruned_shape, shape
 log = logging.getLogger("steps")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # q/k/v/o_proj attention, gate/up/down_proj MLP, RMSNorm
-IMPORTANCE = importance.WIDTH_CRITERIA
-LAYER_IMPORTANCE = importance.LAYER_CRITERIA
+IMPORTANCE = tuple(importance.WIDTH)  # the criteria, by name
+LAYER_IMPORTANCE = tuple(importance.LAYER)
 
 
 @dataclass
@@ -87,9 +87,7 @@ def cuts(before: dict, after: dict) -> tuple[bool, bool]:
 
 def needs_data(settings: PruneSettings, before: dict, after: dict) -> bool:
     depth, width = cuts(before, after)
-    return (depth and settings.layer_importance != "random") or (
-        width and settings.importance not in ("magnitude", "random")
-    )
+    return (depth and importance.LAYER[settings.layer_importance][1]) or (width and importance.WIDTH[settings.importance][1])
 
 
 def top(scores: torch.Tensor, count: int) -> torch.Tensor:

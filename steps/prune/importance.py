@@ -26,19 +26,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
 from steps.artifacts import StageError
 from steps.losses import shifted_ce
 from steps.prune.surgery import decoder_layers
-
-WidthCriterion = Literal["magnitude", "taylor", "activation", "random"]
-LayerCriterion = Literal["block_influence", "perplexity", "random"]
-WIDTH_CRITERIA = get_args(WidthCriterion)
-LAYER_CRITERIA = get_args(LayerCriterion)
-
 
 @dataclass
 class WidthScores:
@@ -166,19 +160,14 @@ def _activation(model, blocks, batches: int, seed: int) -> WidthScores:
     return _collect({key: value / max(rows, 1) for key, value in sums.items()}, len(layers))
 
 
-def width_scores(model, blocks, importance: str, batches: int, seed: int) -> WidthScores:
-    """Scores of every query head, KV head, MLP channel (per layer) and hidden channel under `importance`."""
-    if importance == "magnitude":
-        return _slice_scores(model, lambda p: p, "norm", False)
-    if importance == "taylor":
-        return _taylor(model, blocks, batches, seed)
-    if importance == "activation":
-        return _activation(model, blocks, batches, seed)
-    if importance == "random":
-        g, units = torch.Generator().manual_seed(seed), [_units(layer) for layer in decoder_layers(model)]
-        rand = [[torch.rand(n, generator=g) for n in kind] for kind in zip(*units)]
-        return WidthScores(*rand, torch.rand(model.get_input_embeddings().weight.shape[1], generator=g))
-    raise StageError(f"unknown importance {importance!r}; choose one of {', '.join(WIDTH_CRITERIA)}")
+def _magnitude(model, blocks, batches: int, seed: int) -> WidthScores:
+    return _slice_scores(model, lambda p: p, "norm", False)
+
+
+def _random_units(model, blocks, batches: int, seed: int) -> WidthScores:
+    g, units = torch.Generator().manual_seed(seed), [_units(layer) for layer in decoder_layers(model)]
+    rand = [[torch.rand(n, generator=g) for n in kind] for kind in zip(*units)]
+    return WidthScores(*rand, torch.rand(model.get_input_embeddings().weight.shape[1], generator=g))
 
 
 # ---------------------------------------------------------------- depth
@@ -235,12 +224,30 @@ def _perplexity(model, blocks, batches: int, seed: int) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32)
 
 
+def _random_layers(model, blocks, batches: int, seed: int) -> torch.Tensor:
+    return torch.rand(len(decoder_layers(model)), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- the criteria, by name
+
+# A criterion is found by its name here (and in config/schema.yaml's enum, which tests/test_config.py holds to
+# these): name -> (scores(model, blocks, batches, seed), whether it reads calibration data).
+WIDTH = {"magnitude": (_magnitude, False), "taylor": (_taylor, True), "activation": (_activation, True),
+         "random": (_random_units, False)}
+LAYER = {"block_influence": (_block_influence, True), "perplexity": (_perplexity, True), "random": (_random_layers, False)}
+WidthCriterion = Literal[tuple(WIDTH)]
+LayerCriterion = Literal[tuple(LAYER)]
+
+
+def width_scores(model, blocks, criterion: str, batches: int, seed: int) -> WidthScores:
+    """Scores of every query head, KV head, MLP channel (per layer) and hidden channel under `criterion`."""
+    if criterion not in WIDTH:
+        raise StageError(f"unknown importance {criterion!r}; choose one of {', '.join(WIDTH)}")
+    return WIDTH[criterion][0](model, blocks, batches, seed)
+
+
 def layer_scores(model, blocks, criterion: str, batches: int, seed: int) -> torch.Tensor:
     """One score per decoder layer under `criterion`; higher = more important."""
-    if criterion == "block_influence":
-        return _block_influence(model, blocks, batches, seed)
-    if criterion == "perplexity":
-        return _perplexity(model, blocks, batches, seed)
-    if criterion == "random":
-        return torch.rand(len(decoder_layers(model)), generator=torch.Generator().manual_seed(seed))
-    raise StageError(f"unknown layer importance {criterion!r}; choose one of {', '.join(LAYER_CRITERIA)}")
+    if criterion not in LAYER:
+        raise StageError(f"unknown layer importance {criterion!r}; choose one of {', '.join(LAYER)}")
+    return LAYER[criterion][0](model, blocks, batches, seed)
