@@ -335,7 +335,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_unbroken_one(method, mo
 # unknown choices
 
 @pytest.mark.parametrize("field, value, choices", [
-    ("method", "dora", "['lora', 'qlora', 'freeze', 'prefix']"),
+    ("method", "dora", "['freeze', 'lora', 'qlora', 'prefix']"),
     ("objective", "ce", "['lm', 'kd']"),
 ])
 def test_an_unknown_method_or_objective_lists_the_choices(field, value, choices, model_dir, data_dir, tmp_path):
@@ -346,3 +346,18 @@ def test_an_unknown_method_or_objective_lists_the_choices(field, value, choices,
     assert str(err.value) == f"error: unknown recover {field} {value!r}; choose one of {choices}"
     assert_one_line_and_nothing_written(err, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_method_is_found_by_its_name_in_its_own_module():
+    """Each recovery method comes from the one module that declares it; the memory plan reads the same
+    declarations from source (no torch) and knows the term of every one."""
+    from steps import defaults
+    from steps.recover import METHOD_MODULES
+    from steps.workflow.plan import recovery_memory_terms
+
+    declared = defaults.declared("steps.recover", "METHODS")
+    assert {m: f"steps.recover.{module.__name__.rpartition('.')[2]}" for m, module in METHOD_MODULES.items()} == {
+        m: module for module, methods in declared.items() for m in methods}
+    assert recovery_memory_terms() == {m: module.MEMORY for m, module in METHOD_MODULES.items()}
+    assert set(recovery_memory_terms().values()) <= {"lora", "layers", "none"}
+    assert {m for m, module in METHOD_MODULES.items() if not module.MERGED} == {"prefix"}

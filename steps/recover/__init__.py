@@ -3,7 +3,7 @@
     python -m steps.recover --model DIR --data DIR --out DIR [--teacher DIR [--logits DIR] --kd JSON]
                             [--checkpoints DIR] [--metrics FILE] --settings JSON
 
-`method` (adapters.py, freeze.py):
+`method`, one module per method family, found by name (lora.py, freeze.py, prefix.py):
 - `lora`: peft LoRA of rank `rank` on `target_modules` (names, or "all-linear"),
   merged into the weights: a dense model of the pruned shape, as fast as before.
   The adapter is kept in `adapter/` too.
@@ -21,30 +21,50 @@ temperature, kd_weight, jsd_beta and logit cache, given as `--kd`), the
 Minitron and LLM-Pruner recipe. The loop is distillation's: resumable
 checkpoints outside the output, per-step metrics JSONL, validation perplexity
 (`train.eval_every`), seeds.
+
+A method's module declares `METHODS` (its names), `MERGED` (whether the output is
+a plain model) and `MEMORY` (the memory plan's term for what trains, read from
+source by planning), and provides `trainable_model(model_dir, settings, loop,
+device, first_block)`, `output(model, model_dir, settings, out)` (the model to
+save; adapter files into `out`) and, where it has settings of its own,
+`check(settings, loop, block_size)`. A new method is one module here plus its
+name in config/schema.yaml's `method` enum.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
-import torch
 
 from steps import distributed
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
 from steps.cli import optional, stage_cli
-from steps.prepared import load_split
 from steps.distill import DistillSettings, kd_objective
 from steps.logit_cache import CacheSettings, LogitCache
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
-from steps.recover import adapters
-from steps.recover.freeze import freeze_all_but_last
+from steps.prepared import load_split
+from steps.recover import lora
 from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
-Method = Literal["lora", "qlora", "freeze", "prefix"]
+
+def method_modules() -> dict:
+    """Method name -> the module of this package that declares it in its METHODS."""
+    modules = {}
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            modules.update({method: module for method in getattr(module, "METHODS", ())})
+    return modules
+
+
+METHOD_MODULES = method_modules()
+METHODS = tuple(METHOD_MODULES)
+Method = Literal[METHODS]
 Objective = Literal["lm", "kd"]
-METHODS = get_args(Method)
 OBJECTIVES = get_args(Objective)
 
 
@@ -56,7 +76,7 @@ class RecoverSettings:
     alpha: float = 16.0  # lora, qlora: updates are scaled by alpha / r
     dropout: float = 0.0  # lora, qlora
     target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    bits: adapters.QLoraBits = 4  # qlora: the base is loaded in 8 (LLM.int8) or 4 (NF4) bits
+    bits: lora.QLoraBits = 4  # qlora: the base is loaded in 8 (LLM.int8) or 4 (NF4) bits
     trainable_layers: int = 5  # freeze: the last N decoder layers train
     virtual_tokens: int = 16  # prefix: trained key/value positions per layer
     train: dict = field(default_factory=dict)  # LoopSettings
@@ -71,15 +91,10 @@ def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings,
         raise StageError(f"unknown recover objective {settings.objective!r}; choose one of {list(OBJECTIVES)}")
     if settings.objective == "kd" and not teacher:
         raise StageError("recover objective kd distils from the chain's teacher: pass --teacher DIR")
-    if settings.method == "qlora" and settings.bits not in adapters.QLORA_BITS:
-        raise StageError(f"recover.bits is {settings.bits}; qlora loads the base in 8 or 4 bits: set bits: 8 or bits: 4")
     loop = settings_from(LoopSettings, settings.train)
-    if settings.method == "prefix" and loop.gradient_checkpointing:  # transformers drops the prefix's cache then
-        raise StageError("recover method prefix cannot train with gradient checkpointing (transformers then drops the "
-                         "prefix's keys and values); set recover.train.gradient_checkpointing: false or use method lora")
-    if settings.method == "prefix" and settings.virtual_tokens > block_size:
-        raise StageError(f"recover.virtual_tokens is {settings.virtual_tokens}, more than a block's {block_size} tokens "
-                         "the prefix starts from; set virtual_tokens to at most data.block_size")
+    method = METHOD_MODULES[settings.method]
+    if hasattr(method, "check"):
+        method.check(settings, loop, block_size)
     if loop.parallel == "fsdp" and distributed.world_size() > 1:
         raise StageError("recover trains a small share of the weights: use parallel: ddp (fsdp is for distill)")
     if settings.objective == "lm":
@@ -87,26 +102,6 @@ def check(settings: RecoverSettings, teacher: str | None, kd: DistillSettings,
     if kd.on_policy or kd.hidden:
         raise StageError("recover's kd objective takes distill's loss settings only; on_policy and hidden stay in distill")
     return loop, settings_from(CacheSettings, kd.logit_cache)
-
-
-def trainable_model(model_dir: str, settings: RecoverSettings, loop: LoopSettings, device, first_block):
-    """The model to train, with only the method's parameters trainable; a prefix starts as `first_block`'s."""
-    if settings.method == "qlora":
-        base = adapters.load_kbit_base(model_dir, settings.bits, device, loop.gradient_checkpointing)
-    else:
-        base = load_model(model_dir, device=device)
-    if settings.method == "freeze":
-        freeze_all_but_last(base, settings.trainable_layers)
-        return base
-    # peft draws its initial weights from the global RNG, whose state after loading varies from run to run
-    torch.manual_seed(loop.seed)
-    config = adapters.prefix_config(settings) if settings.method == "prefix" else adapters.lora_config(settings)
-    model = adapters.wrap(base, config)
-    if settings.method == "qlora":
-        adapters.check_trains(model, device, settings.bits)
-    if settings.method == "prefix":
-        adapters.init_prefix(model, first_block["input_ids"][: settings.virtual_tokens])
-    return model
 
 
 def objective_fn(settings: RecoverSettings, kd: DistillSettings, teacher_dir, logits, tokenizer, blocks, cache_settings,
@@ -133,7 +128,8 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     tokenizer = load_tokenizer(model_dir)
     device = distributed.setup()
     objective = objective_fn(settings, kd, teacher, logits, tokenizer, blocks, cache_settings, device)
-    model = trainable_model(model_dir, settings, loop, device, blocks[0])
+    method = METHOD_MODULES[settings.method]
+    model = method.trainable_model(model_dir, settings, loop, device, blocks[0])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     kd_inputs = {} if settings.objective == "lm" else {"teacher": teacher, **({"logits": logits} if cache_settings.top_k else {})}
@@ -143,19 +139,12 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
     if distributed.is_main():  # DDP replicas are identical: one writer
         inputs = {"model": model_dir, "data": data_dir, **kd_inputs}
         with atomic_dir(out) as tmp:
-            if settings.method == "freeze":
-                result = model.to("cpu")
-            elif settings.method == "prefix":  # the base unchanged, the prefix beside it
-                result = model.get_base_model().to("cpu")
-                adapters.save_adapter(model, tmp)
-            else:
-                adapters.save_adapter(model, tmp)
-                result = adapters.merged_float(model, model_dir, settings.method)
+            result = method.output(model, model_dir, settings, tmp)
             save_model(result, tokenizer, tmp)
             write_manifest(
                 tmp, "recover", settings, inputs, started,
                 params=result.num_parameters(), trainable_params=trainable, history=history,
-                merged=settings.method != "prefix", world_size=distributed.world_size(),
+                merged=method.MERGED, world_size=distributed.world_size(),
                 **({"kd": asdict(kd)} if kd_inputs else {}),
             )
         drop_checkpoint(checkpoints)

@@ -8,6 +8,21 @@ dearer than LoRA per trained layer.
 from __future__ import annotations
 
 from steps.artifacts import StageError
+from steps.models import load_model
+
+METHODS = ("freeze",)
+MERGED = True  # nothing to merge: the output is the model itself
+MEMORY = "layers"  # what trains, for the memory plan (steps/workflow/plan.py): `trainable_layers` whole layers
+
+
+def trainable_model(model_dir: str, settings, loop, device, first_block):
+    model = load_model(model_dir, device=device)
+    freeze_all_but_last(model, settings.trainable_layers)
+    return model
+
+
+def output(model, model_dir: str, settings, out):
+    return model.to("cpu")
 
 
 def decoder_layers(model):

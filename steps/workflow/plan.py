@@ -95,6 +95,14 @@ def calibrated_schemes() -> frozenset[str]:
     return frozenset(s for names in defaults.declared("steps.quantize", "CALIBRATED").values() for s in names)
 
 
+@functools.cache
+def recovery_memory_terms() -> dict[str, str]:
+    """Recovery method -> what it trains in the plan's terms (lora | layers | none), as its module in steps/recover/
+    declares it (`MEMORY`)."""
+    methods, terms = (defaults.declared("steps.recover", name) for name in ("METHODS", "MEMORY"))
+    return {method: terms[module] for module, names in methods.items() for method in names}
+
+
 def job_estimate(rule, wildcards, entry):
     """steps.memory's estimate of a job's peak per rank; None when a model's architecture is not known before
     it runs."""
@@ -125,14 +133,14 @@ def job_estimate(rule, wildcards, entry):
     trainable = None
     if rule == "recover":
         recover, settings_class = section(family, recipe, "recover"), "steps.recover.RecoverSettings"
-        method = setting(recover, "method", settings_class)
-        if method in ("lora", "qlora"):
+        trains = recovery_memory_terms()[setting(recover, "method", settings_class)]
+        if trains == "lora":
             targets = setting(recover, "target_modules", settings_class)
             trainable = memory.lora_params(student, setting(recover, "rank", settings_class), targets)
-        elif method == "freeze":
+        elif trains == "layers":
             trainable = setting(recover, "trainable_layers", settings_class) * student.layer_params()
         else:
-            trainable = 0  # prefix: a few virtual tokens' keys and values
+            trainable = 0  # "none": e.g. a prefix's few virtual tokens
     train = functools.partial(train_setting, family, recipe, rule)
     return memory.training(
         student, batch_size=train("batch_size"), block_size=block, bf16=train("bf16"),
