@@ -3,7 +3,8 @@
 from steps.fingerprint import code_fingerprint
 from steps.workflow.inputs import cache_args, distill_inputs, settings_for
 from steps.workflow.paths import as_json, base_dir, data_dir
-from steps.workflow.resources import launcher, rule_resources, rule_threads
+from steps.workflow.launch import launcher
+from steps.workflow.resources import rule_resources, rule_threads
 
 
 rule teacher_logits:

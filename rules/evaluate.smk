@@ -7,8 +7,9 @@ from steps.workflow.families import all_targets
 from steps.workflow.inputs import (
     base_eval_inputs, built_results, chain_data, eval_model, malformed_target, report_args, report_inputs, settings_for,
 )
-from steps.workflow.paths import NAME
-from steps.workflow.resources import launcher, rule_resources, rule_threads
+from steps.workflow.paths import MALFORMED_NAME
+from steps.workflow.launch import launcher
+from steps.workflow.resources import rule_resources, rule_threads
 
 
 rule evaluate:
@@ -120,4 +121,4 @@ rule malformed_target:
     output:
         "results/{name}.eval",
     wildcard_constraints:
-        name=rf"(?!(?:{NAME}/)?{NAME}_{NAME}_{NAME}\.eval$).+",  # a grammatical name fails in report, naming its field
+        name=MALFORMED_NAME,  # a grammatical name fails in report, naming its field

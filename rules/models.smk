@@ -4,7 +4,8 @@
 from steps.fingerprint import code_fingerprint
 from steps.workflow.inputs import base_args, base_inputs, model_spec_json, tokenizer_raw, tokenizer_settings
 from steps.workflow.paths import pruned_aliases
-from steps.workflow.resources import launcher, rule_resources, rule_threads
+from steps.workflow.launch import launcher
+from steps.workflow.resources import rule_resources, rule_threads
 
 
 rule train_tokenizer:

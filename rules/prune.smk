@@ -4,7 +4,8 @@
 from steps.fingerprint import code_fingerprint
 from steps.workflow.inputs import alias_prune_settings, chain_data, prune_inputs, settings_for, upstream
 from steps.workflow.paths import pruned_aliases
-from steps.workflow.resources import launcher, rule_resources, rule_threads
+from steps.workflow.launch import launcher
+from steps.workflow.resources import rule_resources, rule_threads
 
 
 rule prune:

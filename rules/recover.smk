@@ -2,7 +2,8 @@
 
 from steps.fingerprint import code_fingerprint
 from steps.workflow.inputs import kd_inputs, kd_settings, recover_inputs, settings_for
-from steps.workflow.resources import launcher, rule_resources, rule_threads
+from steps.workflow.launch import launcher
+from steps.workflow.resources import rule_resources, rule_threads
 
 
 rule recover:

@@ -82,7 +82,7 @@ def teardown() -> None:
 
 # ---------------------------------------------------------------- across nodes, under SLURM
 # A job of several launchers runs `srun --ntasks N python -m steps.distributed slurm-torchrun --nproc-per-node G
-# -m steps.<stage> ARGS` (rules/resources.smk): each srun task execs one torchrun, and the N torchruns meet at a
+# -m steps.<stage> ARGS` (steps/workflow/resources.py): each srun task execs one torchrun, and the N torchruns meet at a
 # c10d rendezvous on the first host of the job step, which assigns the ranks: N x G processes in all.
 
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from snakemake.iocontainers import Wildcards
 
-from steps.workflow import families, inputs, paths, plan, resources
+from steps.workflow import families, inputs, launch, paths, plan, resources
 
 DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -105,6 +105,16 @@ def test_threads_follow_cpus_per_task_else_the_cores(demo, monkeypatch):
     assert resources.rule_threads("evaluate")(wildcards(teacher="teacher", student="student", recipe="default", stage="pruned")) == 3
 
 
+def test_a_job_is_launched_by_its_gpus_and_nodes(demo):
+    demo_job = wildcards(teacher="teacher", student="student", recipe="default")
+    assert launch.launcher("distill", data_parallel=True)(demo_job) == "python -m"
+    one_gpu = wildcards(teacher="llama7b", student="1b", recipe="default")  # llama's 7B -> 1.1B distill: {gpu: 1}
+    assert launch.launcher("distill", data_parallel=True)(one_gpu) == "python -m steps.gpus run --count 1 -- python -m"
+    two_nodes = wildcards(teacher="llama13b", student="llama7b", recipe="default")  # its pair: 2 nodes of 8 GPUs
+    with pytest.raises(ValueError, match="asks for 2 nodes or tasks .* which a local run cannot give"):
+        launch.launcher("distill", data_parallel=True)(two_nodes)
+
+
 def test_the_memory_plan_refuses_a_job_that_cannot_fit(demo):
     job = wildcards(teacher="llama7b", student="1b", recipe="default")
     entry = {**resources.job_resources(job, "distill"), "gpu_mem_mb": 4000}
@@ -128,3 +138,14 @@ def test_a_validated_config_is_remembered_by_its_content(demo, tmp_path, monkeyp
     changed["data"]["seed"] = 1
     families.load(changed, str(REPO))
     assert len(calls) == 1 and calls[0]["data"]["seed"] == 1  # the top level changed, the other families did not
+
+
+@pytest.mark.parametrize("name", ["teacher_student_int8", "lora16/teacher_student_int8", "a_b", "a-b-c", "x/y/a_b_c",
+                                  "a_b_c_d", "a b_c_d"])
+def test_the_malformed_target_rule_takes_exactly_what_the_grammar_refuses(name):
+    """rule malformed_target's constraint is built from paths.TARGET: a name is one or the other, never both."""
+    import re
+
+    grammatical = paths.TARGET.fullmatch(f"results/{name}.eval") is not None
+    malformed = re.fullmatch(paths.MALFORMED_NAME, f"{name}.eval") is not None  # its lookahead sees `.eval$`
+    assert grammatical != malformed

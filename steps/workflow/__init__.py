@@ -9,7 +9,8 @@ wildcards defined here:
 - `paths`: where every model, dataset and evaluation lives, and which recipe's directory holds a stage that
   several recipes share.
 - `inputs`: the rules' input and param functions.
-- `resources`: resources, threads and launchers of each job.
+- `resources`: resources and threads of each job.
+- `launch`: how each job starts its step (python, torchrun, srun), after the memory plan's check.
 - `plan`: the memory plan, checked before a training or quantization job starts.
 
 Plain Python: nothing here imports torch or transformers (a no-op `snakemake -n` stays fast;

@@ -17,6 +17,9 @@ from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, MODELS, cleared_on
 
 NAME = r"[A-Za-z0-9.-]+"  # aliases, recipes and quant methods: no underscore, it separates target fields
 TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<student>{NAME})_(?P<quant>{NAME})\.eval")
+# rule malformed_target's `name` (results/{name}.eval): anything but the grammar above, spelt once, whose
+# fields become plain groups (named ones would be wildcards to Snakemake)
+MALFORMED_NAME = rf"(?!{re.sub(r'[(][?]P<[a-z]+>', '(?:', TARGET.pattern).removeprefix('results/')}$).+"
 STAGE_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
 STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  # the model each training step makes
 
