@@ -44,9 +44,7 @@ GGUF has no place for a prefix: refused before anything loads.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +52,7 @@ from typing import Literal
 
 import torch
 
+from steps import methods
 from steps.artifacts import StageError, atomic_dir, write_manifest
 from steps.models import load_model, pick_device
 from steps.quantize import gguf
@@ -61,17 +60,7 @@ from steps.quantize import gguf
 log = logging.getLogger("steps")
 
 
-def scheme_modules() -> dict:
-    """Scheme name -> the module of this package that declares it in its SCHEMES."""
-    modules = {}
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            module = importlib.import_module(f"{__name__}.{info.name}")
-            modules.update({scheme: module for scheme in getattr(module, "SCHEMES", ())})
-    return modules
-
-
-SCHEME_MODULES = scheme_modules()
+SCHEME_MODULES = methods.by_name(__name__, "SCHEMES")  # scheme name -> the module that declares it
 SCHEMES = tuple(SCHEME_MODULES)
 Scheme = Literal[SCHEMES]
 

@@ -33,14 +33,12 @@ name in config/schema.yaml's `method` enum.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
 
-from steps import distributed
+from steps import distributed, methods
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
 from steps.cli import optional, stage_cli
 from steps.distill import DistillSettings, kd_objective
@@ -51,17 +49,7 @@ from steps.recover import lora
 from steps.training import LoopSettings, drop_checkpoint, next_token_loss, train
 
 
-def method_modules() -> dict:
-    """Method name -> the module of this package that declares it in its METHODS."""
-    modules = {}
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            module = importlib.import_module(f"{__name__}.{info.name}")
-            modules.update({method: module for method in getattr(module, "METHODS", ())})
-    return modules
-
-
-METHOD_MODULES = method_modules()
+METHOD_MODULES = methods.by_name(__name__, "METHODS")  # method name -> the module that declares it
 METHODS = tuple(METHOD_MODULES)
 Method = Literal[METHODS]
 Objective = Literal["lm", "kd"]
