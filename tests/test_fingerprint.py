@@ -5,10 +5,18 @@ def names(module):
     return {p.stem for p in module_closure(module)}
 
 
+def modules(stage):
+    """The `steps` modules (a package by its directory) in a stage's fingerprint."""
+    return {p.stem if p.parent.name == "steps" else p.parent.name for p in module_closure(stage)}
+
+
 def test_closure_follows_steps_imports():
     # steps/prune/ is a package: all its files, and the modules they import (losses through importance.py)
-    assert {"surgery", "importance", "shape", "artifacts", "data", "losses", "models", "fingerprint"} <= names("prune")
+    assert {"surgery", "importance", "shape", "artifacts", "prepared", "cli", "losses", "models", "fingerprint"} <= names("prune")
     assert "recover" not in names("prune")
+    # stages read prepared data through steps/prepared.py: the data stage's code is in no other stage's fingerprint
+    assert not any("data" in modules(stage) for stage in ("base", "distill", "prune", "recover", "quantize", "evaluate"))
+    assert "data" in modules("tokenizer")  # it renders records as prepare does
     assert "training" in names("distill") and "training" in names("recover")
 
 
