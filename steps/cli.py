@@ -37,7 +37,7 @@ class optional:  # noqa: N801 (reads as a keyword in a stage's main: data=option
 
 
 def parser_for(doc: str, settings_class=None, **arguments: str | optional) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0] if doc else None)
     for name, spec in arguments.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(spec, optional):

@@ -55,7 +55,7 @@ import torch
 from steps import methods
 from steps.artifacts import StageError, atomic_dir, write_manifest
 from steps.models import load_model, pick_device
-from steps.quantize import gguf
+from steps.quantize import gguf, gptq
 
 log = logging.getLogger("steps")
 
@@ -72,7 +72,7 @@ class QuantizeSettings:
     double_quant: bool = False  # bnb 4-bit: also quantize the quantization constants
     threshold: float = 6.0  # bnb-int8: input features with a value above it are multiplied in 16-bit (LLM.int8's outliers); 0 = none
     alpha: float = 0.5  # w8a8: SmoothQuant migration strength in [0, 1]: the larger, the more of the activations' range moves onto the weights
-    bits: Literal[4, 8] = 4  # gptq / rtn
+    bits: gptq.Bits = 4  # gptq / rtn
     group_size: int = 128  # gptq / rtn: input channels sharing one scale; must divide every layer's in_features; -1: one group per row
     calibration_blocks: int = 128  # gptq, w8a8: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
     damp_percent: float = 0.05  # gptq: share of the Hessian's mean diagonal added to it before inversion

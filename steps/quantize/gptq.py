@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -23,12 +24,12 @@ from steps.quantize import hf
 SCHEMES = ("gptq", "rtn")
 CALIBRATED = ("gptq",)  # rtn rounds each group on its own
 RUN_FIX = "gptqmodel has no kernel for these bits / group_size on this device: try group_size 32, 64 or 128, or bits 8"
-BITS = (4, 8)
+Bits = Literal[4, 8]  # QuantizeSettings.bits
 CALIBRATION_BATCH = 8  # blocks per calibration forward: speed only, all blocks have the same length
 
 
 def check_settings(settings: QuantizeSettings) -> None:
-    if settings.bits not in BITS:
+    if settings.bits not in get_args(Bits):
         raise StageError(f"{settings.scheme} bits must be 4 or 8, got {settings.bits}; set `bits: 4` or `bits: 8`")
     if settings.group_size != -1 and settings.group_size < 1:
         raise StageError(f"{settings.scheme} group_size must be positive or -1, got {settings.group_size}")
