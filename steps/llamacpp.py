@@ -85,7 +85,8 @@ def run_tool(tool: str, *args, what: str, fix: str, threads: int | None = None) 
     `what` says what was being done ("load models/x/model.gguf"), `fix` what the user can do about it.
     """
     command = [str(require() / tool), *map(str, args), *(["-t", str(threads)] if threads else [])]
-    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # errors="replace": tools echo token pieces, and a piece can be part of a UTF-8 character
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise StageError(f"llama.cpp could not {what} ({tool}: {tool_error(done.stderr + done.stdout)}); {fix}")
     return done.stdout

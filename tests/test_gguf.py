@@ -1,4 +1,5 @@
-"""GGUF in and out: tiny Llamas with real shapes written to GGUF, read back by transformers, and used as sources."""
+"""GGUF in and out: tiny Llamas with real shapes written to GGUF by llama.cpp's quantizer, run and read back by
+llama.cpp and by transformers, and used as sources."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO, make_model_dir, planned_jobs
 from steps.artifacts import read_manifest, weights_bytes
 from steps.quantize import QuantizeSettings, run as quantize
+from steps.quantize.gguf import TensorType
 
 gguf = pytest.importorskip("gguf")
 
@@ -55,22 +59,22 @@ def _sample_ids(model_dir):
     return torch.tensor([AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids])
 
 
-def _fake_quantized(model, gguf_type):
-    """The float model with every tensor the writer quantizes replaced by gguf's own quantize -> dequantize.
+def _fake_quantized(model, gguf_file):
+    """The float model with every matrix replaced by gguf's own quantize -> dequantize, in the type llama-quantize
+    chose for it (read from the file: the output matrix and rows that are not whole blocks get other types).
 
     Quantization acts on rows and the q/k reordering moves whole rows, so the GGUF read back must equal
-    this model up to float rounding: any naming, reordering, tying or metadata mistake shows.
+    this model up to float rounding: any naming, reordering, tying or metadata mistake shows, and so would
+    llama.cpp rounding differently from gguf's reference code.
     """
-    from steps.quantize.gguf import LOW_BIT, OUTPUT_TYPE
-
-    qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_file).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     tied = model.config.tie_word_embeddings
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim != 2:
                 continue
-            is_output = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
-            t = gguf.GGMLQuantizationType[OUTPUT_TYPE.upper()] if is_output and gguf_type in LOW_BIT else qtype
+            t = types[names.get_name(name, try_suffixes=(".weight",)) if not (tied and name == "lm_head.weight") else "token_embd.weight"]
             array = param.detach().numpy()
             param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, t), t)))
     return model
@@ -87,23 +91,46 @@ def test_gguf_reads_back_as_the_model_it_was_written_from(gqa_model, tmp_path, g
     ids = _sample_ids(gqa_model)
     want, got = _logits(reference, ids), _logits(back, ids)
     assert ((got - want).norm() / want.norm()).item() < TOLERANCE[gguf_type]
-    exact = _logits(_fake_quantized(reference, gguf_type), ids)
+    exact = _logits(_fake_quantized(reference, out / "model.gguf"), ids)
     torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-4)
     manifest = read_manifest(out)
     assert manifest["params"] == reference.num_parameters()
     assert weights_bytes(out) == (out / "model.gguf").stat().st_size
 
 
-def test_evaluate_reads_the_gguf_back_and_reports_its_real_size(gqa_model, data_dir, tmp_path):
+def test_evaluate_measures_the_gguf_in_llamacpp_and_reports_its_real_size(gqa_model, data_dir, tmp_path):
     from steps.evaluate import EvaluateSettings, run as evaluate
 
     out = _write(gqa_model, tmp_path / "q8", "q8_0")
-    settings = EvaluateSettings(context=32, stride=16)
+    settings = EvaluateSettings(context=32, stride=16, speed={"prompt_tokens": 16, "new_tokens": 4, "repeats": 1})
     got = evaluate(str(out), str(data_dir), str(tmp_path / "q8.json"), settings)["metrics"]
     want = evaluate(str(gqa_model), str(data_dir), str(tmp_path / "float.json"), settings)["metrics"]
     assert got["size_bytes"] == (out / "model.gguf").stat().st_size < 0.3 * want["size_bytes"]
     assert got["params"] == want["params"]
     assert got["perplexity"] != want["perplexity"] and abs(got["perplexity"] / want["perplexity"] - 1) < 0.01
+    assert got["read_by"]["perplexity"] == "llama.cpp" and "read_by" not in want
+    assert got["scored_tokens"] == want["scored_tokens"]  # the same windows, scored the same way
+    assert abs(got["transformers_perplexity"] / got["perplexity"] - 1) < 0.002
+    assert got["decode_tokens_per_s"] > 0 and got["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("gguf_type", get_args(TensorType))
+def test_llamacpp_runs_every_type_and_agrees_with_transformers(gqa_model, data_dir, tmp_path, gguf_type):
+    """Each type the workflow writes loads in llama.cpp, whose perplexity on the chain's windows matches
+    transformers reading the same file (llama.cpp rounds activations to 8 bits in quantized products)."""
+    from steps.evaluate.perplexity import perplexity
+    from steps.evaluate.runtime import gguf_perplexity
+    from steps.models import load_model
+    from steps.prepared import load_split
+
+    out = _write(gqa_model, tmp_path / gguf_type, gguf_type)
+    test = load_split(data_dir, "test")[:]
+    ids, labels = test["input_ids"].reshape(-1)[:1024], test["labels"].reshape(-1)[:1024]
+    ours = gguf_perplexity(out / "model.gguf", ids, labels, context=64, stride=32, threads=1)
+    with torch.no_grad():
+        theirs = perplexity(load_model(out).eval(), ids, labels, context=64, stride=32, batch_size=8)
+    assert ours["scored_tokens"] == theirs["scored_tokens"] == 1023
+    assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=0.005)
 
 
 def test_qwen2_with_attention_biases_round_trips(tmp_path, tokenizer_dir):
@@ -133,7 +160,9 @@ def test_q4_0_file_is_a_third_of_float_and_keeps_norms_f32(gqa_model, tmp_path):
     reader = gguf.GGUFReader(out / "model.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_down.weight"] == "Q4_0"
-    assert types["token_embd.weight"] == "Q8_0" if "output.weight" not in types else types["output.weight"] == "Q8_0"
+    # llama-quantize keeps the output matrix (every logit goes through it) above 4 bits
+    assert types.get("output.weight", types["token_embd.weight"]) in ("Q6_K", "Q8_0")
+    assert read_manifest(out)["gguf_tensor_types"] == {name: list(types.values()).count(name) for name in set(types.values())}
     assert weights_bytes(out) < 0.35 * weights_bytes(gqa_model)
 
 
@@ -228,6 +257,115 @@ def test_unknown_gguf_type_is_refused(gqa_model, tmp_path):
     with pytest.raises(SystemExit, match="unknown GGUF type 'q3_k'"):
         _write(gqa_model, tmp_path / "out", "q3_k")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_importance_matrix_changes_a_k_quant_and_is_refused_where_unused(gqa_model, data_dir, tmp_path):
+    plain = _write(gqa_model, tmp_path / "plain", "q4_k_m")
+    settings = QuantizeSettings(scheme="gguf-imatrix", type="q4_k_m", calibration_blocks=4)
+    quantize(str(gqa_model), str(tmp_path / "imatrix"), settings, str(data_dir))
+    weighted = (tmp_path / "imatrix" / "model.gguf").read_bytes()
+    assert len(weighted) == len((plain / "model.gguf").read_bytes()) and weighted != (plain / "model.gguf").read_bytes()
+    with pytest.raises(SystemExit, match="GGUF type q8_0 does not use an importance matrix; use scheme gguf"):
+        quantize(str(gqa_model), str(tmp_path / "q8"), QuantizeSettings(scheme="gguf-imatrix", type="q8_0"), str(data_dir))
+    assert not (tmp_path / "q8").exists()
+
+
+def test_missing_or_other_llamacpp_is_one_line_before_any_work(gqa_model, tmp_path, monkeypatch):
+    from steps.llamacpp import STAMP, TOOLS
+
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=r"llama.cpp is not built at .*nowhere \(no llama-quantize, .*\); run `make env`") as err:
+        _write(gqa_model, tmp_path / "out", "q8_0")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    for tool in TOOLS:
+        (other / tool).write_text("")
+    (other / STAMP).write_text("0.2.0\n")
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(other))
+    with pytest.raises(SystemExit, match=r"is llama-cpp-python 0.2.0, this workflow pins 0.3.36"):
+        _write(gqa_model, tmp_path / "out", "q8_0")
+    assert not (tmp_path / "out").exists()
+
+
+# Digits after spaces and newlines, punctuation runs, whitespace runs, accents, CJK, an emoji, code.
+FIDELITY_TEXTS = [
+    "Page\n  2.1 costs 1,234.50 dollars (about 3%) -- naive? naïve café!!",
+    "def f(x):\n\treturn x**2  # 東京 😀\n\n\n    spaces   and\ttabs\t\t2024-12-06",
+    " leading space, 'quotes', \"double\", ... ellipsis; x=10e-3",
+]
+
+
+def _digit_splitting(tokenizer_dir, dest):
+    """The tiny tokenizer with SmolLM2's pre-tokenizer: every digit split off before GPT-2's regex."""
+    shutil.copytree(tokenizer_dir, dest)
+    spec = json.loads((dest / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]}
+    (dest / "tokenizer.json").write_text(json.dumps(spec))
+    return dest
+
+
+@pytest.mark.parametrize("vocabulary", ["byte-level", "digit-splitting", "sentencepiece"])
+def test_llamacpp_tokenizes_as_the_hf_tokenizer(vocabulary, tokenizer_dir, sentencepiece_model, tmp_path):
+    from steps.llamacpp import tokenize
+
+    if vocabulary == "sentencepiece":
+        model_dir = sentencepiece_model
+    else:
+        tokenizer = tokenizer_dir if vocabulary == "byte-level" else _digit_splitting(tokenizer_dir, tmp_path / "tok")
+        model_dir = make_model_dir(tmp_path / "model", tokenizer, **GQA_ARCH)
+    out = _write(model_dir, tmp_path / "q8", "q8_0")
+    pre = gguf.GGUFReader(out / "model.gguf").fields["tokenizer.ggml.pre"].contents()
+    assert pre == {"byte-level": "gpt-2", "digit-splitting": "smollm", "sentencepiece": "default"}[vocabulary]
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    for text in FIDELITY_TEXTS:
+        if vocabulary == "sentencepiece" and text.startswith(" "):
+            # Known difference: transformers' Metaspace (prepend_scheme "first") adds no "▁" before a text that
+            # starts with a space, SentencePiece and llama.cpp always add one: only the first token differs.
+            got, want = tokenize(out / "model.gguf", text), hf(text).input_ids
+            assert got[1:] == want[1:] and got[0] != want[0]
+            continue
+        assert tokenize(out / "model.gguf", text) == hf(text).input_ids, text
+
+
+def test_a_gguf_import_keeps_its_pre_tokenizer(tokenizer_dir, tmp_path):
+    """A file that says `smollm` is read with digits split, as the model was trained (transformers alone would not)."""
+    from steps.base import run
+    from steps.llamacpp import tokenize
+
+    model_dir = make_model_dir(tmp_path / "model", _digit_splitting(tokenizer_dir, tmp_path / "tok"), **GQA_ARCH)
+    path = _write(model_dir, tmp_path / "q8", "q8_0") / "model.gguf"
+    run({"gguf": str(path)}, str(tmp_path / "base"))
+    imported = AutoTokenizer.from_pretrained(tmp_path / "base")
+    plain = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in FIDELITY_TEXTS:
+        assert imported(text).input_ids == tokenize(path, text) == AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    assert any(plain(text).input_ids != imported(text).input_ids for text in FIDELITY_TEXTS)
+
+
+def test_a_pre_tokenizer_the_import_cannot_reproduce_is_refused(gguf_file, tmp_path):
+    from steps.base import run
+
+    path = tmp_path / "other.gguf"
+    reader = gguf.GGUFReader(gguf_file[0])
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = "chatglm-bpe" if field.name == "tokenizer.ggml.pre" else field.contents()
+        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.shape[::-1], raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SystemExit, match="splits text with llama.cpp's 'chatglm-bpe' pre-tokenizer, which the import cannot reproduce"):
+        run({"gguf": str(path)}, str(tmp_path / "base"))
+    assert not (tmp_path / "base").exists()
 
 
 # ---------------------------------------------------------------- GGUF as a model source

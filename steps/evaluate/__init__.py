@@ -15,6 +15,12 @@ Metrics (`metrics` in the JSON):
   the weights they stand for), `size_bytes` (weight files on disk), `adapter_applied` (an unmerged
   recover prefix in `adapter/` was applied on load; its weights then count in `size_bytes`).
 The JSON also carries the model's own manifest, so a report can show lineage.
+
+A GGUF model (a directory holding `model.gguf`) is measured in llama.cpp, where it will run (runtime.py):
+its `perplexity` (same windows and formula) and speed are llama.cpp's, `transformers_perplexity` is the
+same file read back dequantized by transformers (a cross-check of the writer and of llama.cpp's kernels),
+and `read_by` says which numbers came from which reader: lm-eval tasks and generation read the file
+through transformers, as weights dequantized from it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 import torch
 
 from steps.artifacts import StageError, read_manifest, settings_from, weights_bytes, write_json_atomic
-from steps.evaluate import generation, speed
+from steps.evaluate import generation, runtime, speed
 from steps.evaluate.generation import GenerationSettings
 from steps.evaluate.perplexity import perplexity, sliding_windows
 from steps.evaluate.speed import SpeedSettings
@@ -85,6 +91,9 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
     metrics = perplexity(model, input_ids[:cap], labels[:cap], settings.context, settings.stride, settings.batch_size)
     metrics["perplexity"] = round(metrics["perplexity"], 4)
     log.info("perplexity %.4f over %d tokens, %.0f tokens/s", metrics["perplexity"], metrics["scored_tokens"], metrics["tokens_per_s"])
+    gguf_file = gguf_model_file(model_dir)
+    if gguf_file is not None:
+        metrics = in_llamacpp(gguf_file, metrics, input_ids[:cap], labels[:cap], settings)
     if manager is not None:
         metrics["tasks"] = harness.run_tasks(
             model, tokenizer, manager, settings.tasks, settings.task_paths, settings.num_fewshot,
@@ -92,7 +101,10 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
         )
     if gen_settings.samples:
         metrics["generation"] = generation.generation_scores(model, tokenizer, input_ids, labels, gen_settings)
-    if speed_settings.new_tokens:
+    if speed_settings.new_tokens and gguf_file is not None:
+        metrics.update(runtime.gguf_speed(gguf_file, speed_settings.prompt_tokens, speed_settings.new_tokens,
+                                          speed_settings.repeats, torch.get_num_threads()))
+    elif speed_settings.new_tokens:
         metrics.update(speed.measure_speed(model, input_ids, tokenizer.pad_token_id, speed_settings))
 
     manifest = read_manifest(model_dir)
@@ -107,3 +119,25 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
     report = {"model": str(model_dir), "settings": asdict(settings), "metrics": metrics, "manifest": manifest}
     write_json_atomic(out, report)
     return report
+
+
+def gguf_model_file(model_dir: str) -> Path | None:
+    from steps.quantize.gguf import GGUF_FILE
+
+    path = Path(model_dir) / GGUF_FILE
+    return path if path.is_file() else None
+
+
+def in_llamacpp(gguf_file: Path, read_by_transformers: dict, input_ids, labels, settings: EvaluateSettings) -> dict:
+    """The perplexity metrics of `gguf_file` as llama.cpp computes them, with transformers' beside them."""
+    metrics = runtime.gguf_perplexity(gguf_file, input_ids, labels, settings.context, settings.stride, torch.get_num_threads())
+    metrics["perplexity"] = round(metrics["perplexity"], 4)
+    theirs = read_by_transformers["perplexity"]
+    log.info("llama.cpp: perplexity %.4f (transformers reading the same file: %.4f, %+.2f%%)", metrics["perplexity"],
+             theirs, 100 * (theirs / metrics["perplexity"] - 1))
+    metrics["transformers_perplexity"] = theirs
+    metrics["read_by"] = {
+        "perplexity": "llama.cpp", "speed": "llama.cpp (llama-bench)",
+        "tasks": "transformers (weights dequantized from the file)", "generation": "transformers (weights dequantized from the file)",
+    }
+    return metrics
