@@ -12,7 +12,7 @@ wildcard_constraints:
     quant=NAME,
     dataset=one_of(DATASET_FAMILY),
     alias=one_of(MODELS),
-    stage=rf"distilled|pruned|recovered|quant/{NAME}",
+    stage=rf"distilled|pruned|recovered|quant/{NAME}|baseline/{NAME}",
     data=one_of(MODELS),
     k=r"[1-9][0-9]*",
     dtype=r"float16|bfloat16",

@@ -3,7 +3,7 @@
 # the other schemes ignore it (one rule, no per-scheme input functions).
 
 from steps.fingerprint import code_fingerprint
-from steps.workflow.inputs import chain_data, settings_for, upstream
+from steps.workflow.inputs import chain_data, settings_for, teacher_model, upstream
 from steps.workflow.launch import launcher
 from steps.workflow.resources import rule_resources, rule_threads
 
@@ -25,3 +25,21 @@ rule quantize:
         "logs/quantize/{recipe}/{teacher}_{student}_{quant}.log",
     shell:
         "{params.launch} steps.quantize --threads {threads} --model {input.model} --data {input.data} --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+# The baseline a user would otherwise pick: the chain's teacher quantized alone by the same method (GGUF
+# methods: steps.workflow.paths.has_baseline), evaluated beside the chain and shown in its report.
+use rule quantize as quantize_baseline with:
+    input:
+        model=teacher_model,
+        data=chain_data,
+    output:
+        directory("models/{recipe}/{teacher}_{student}/baseline/{quant}"),
+    params:
+        settings=settings_for("quantize", quantized="baseline"),
+        code=code_fingerprint("quantize"),
+        launch=launcher("quantize"),
+    resources:
+        **rule_resources("quantize_baseline"),
+    log:
+        "logs/quantize/{recipe}/{teacher}_{student}_baseline_{quant}.log",

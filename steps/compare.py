@@ -4,7 +4,8 @@
 
 One row per file, sorted by perplexity: the final model's perplexity and its ratio to the chain's
 teacher, size and its ratio, params, throughput, then every task and generation score any file has
-(blank where a file lacks it). The table goes to stdout; `--csv` also writes the rows at full
+(blank where a file lacks it); a chain with a baseline (the teacher quantized alone by the same GGUF
+method) adds its row, `<result> baseline`, so each size shows both. The table goes to stdout; `--csv` also writes the rows at full
 precision; `--html` a page with the table and perplexity against size, the Pareto front marked (the
 workflow's `summary` rule). `format_table` and `html_table` are generic: the chain report reuses them.
 """
@@ -81,13 +82,15 @@ def score_columns(present: set[str]) -> list[str]:
 
 
 def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
-    """One row per (path, report), sorted by the final model's perplexity; absent values are left out."""
-    rows = []
+    """One row per (path, report), and one per distinct baseline (`<result> baseline`: the teacher quantized alone
+    by the chain's method), sorted by perplexity; absent values are left out."""
+    rows, baselines = [], {}
     for path, report in evals:
         target = eval_target(path, report)
         chain = report["chain"]
         # the final model: its metrics, or for a report without them, the chain's last row
-        final = {**{k: v for k, v in chain[-1].items() if k != "stage"}, **report.get("metrics", {})}
+        last = [r for r in chain if r["stage"] != "baseline"][-1]
+        final = {**{k: v for k, v in last.items() if k != "stage"}, **report.get("metrics", {})}
         teacher = next((row for row in chain if row["stage"] == "teacher"), {})
         row = {
             "result": f"{target['recipe']}/{target['teacher']}_{target['student']}_{target['quant']}",
@@ -99,7 +102,16 @@ def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
             **{k: v for k, v in final.items() if is_score(k)},
         }
         rows.append({k: v for k, v in row.items() if v is not None})
-    return sorted(rows, key=lambda row: (row["perplexity"], row["result"]))
+        baseline = next((r for r in chain if r["stage"] == "baseline"), None)
+        if baseline is not None:  # chains of one teacher and method share it: one row, named by the first
+            key = (target["teacher"], target["quant"], baseline["perplexity"], baseline["size_bytes"])
+            baselines.setdefault(key, {
+                "result": f"{row['result']} baseline", "perplexity": baseline["perplexity"],
+                **teacher_ratios(baseline, teacher),
+                **{k: baseline[k] for k in ("params", "tokens_per_s", "decode_tokens_per_s") if k in baseline},
+                **{k: v for k, v in baseline.items() if is_score(k)},
+            })
+    return sorted([*rows, *baselines.values()], key=lambda row: (row["perplexity"], row["result"]))
 
 
 def compare_columns(rows: list[dict]) -> list[str]:

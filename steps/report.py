@@ -29,6 +29,7 @@ LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "threads", "p
 ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "ms_per_token", "peak_memory_bytes")
 TASK_KEYS = ("acc", "acc_norm")
+BASELINE = "baseline"  # the row of the teacher quantized alone (steps.workflow.paths.has_baseline)
 
 
 def chain_row(stage: str, metrics: dict) -> dict:
@@ -41,8 +42,18 @@ def chain_row(stage: str, metrics: dict) -> dict:
 
 
 def build_report(evals: list[tuple[str, dict]], target: dict | None = None) -> dict:
-    final = evals[-1][1]
+    """The `.eval` of a chain: its stages' evaluations in order, then (GGUF methods) the `baseline`, the
+    teacher quantized alone by the same method, with `vs_baseline`: the final model's perplexity and size
+    as ratios to it (below 1 on both: the chain beat quantizing the teacher)."""
+    chain = [(stage, e) for stage, e in evals if stage != BASELINE]
+    final = chain[-1][1]
     report = {"target": target} if target else {}
+    baseline = dict(evals).get(BASELINE)
+    if baseline is not None:
+        report["vs_baseline"] = {
+            "perplexity": final["metrics"]["perplexity"] / baseline["metrics"]["perplexity"],
+            "size": final["metrics"]["size_bytes"] / baseline["metrics"]["size_bytes"],
+        }
     return {
         **report,
         "metrics": final["metrics"],
@@ -83,7 +94,11 @@ def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> No
         PAGE_STYLE,
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. Evaluation: "
+        "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. "
+        + ("<b>baseline</b> is the teacher quantized alone by the same method: the chain is worth running where its "
+           f"final model beats it (here perplexity x{report['vs_baseline']['perplexity']:.3f}, size "
+           f"x{report['vs_baseline']['size']:.3f} of the baseline's). " if "vs_baseline" in report else "")
+        + "Evaluation: "
         f"<code>{html.escape(json.dumps({k: v for k, v in report['evaluation'].items() if not isinstance(v, dict)}))}</code></p>",
         html_table(rows, columns),
         "<h2>Per stage</h2>",

@@ -15,7 +15,7 @@ def row(stage, ppl, size, params=1_000_000, tok_s=1000.0, **extra):
 
 
 def report(chain, target=None):
-    final = {k: v for k, v in chain[-1].items() if k != "stage"}
+    final = {k: v for k, v in [r for r in chain if r["stage"] != "baseline"][-1].items() if k != "stage"}
     out = {"metrics": final, "evaluation": {"context": 128}, "chain": chain, "lineage": {}}
     return {"target": target, **out} if target else out
 
@@ -184,3 +184,14 @@ def test_scatter_points_shorten_labels_for_one_pair_and_merge_results_on_one_poi
     ]
     other = [*rows, {"result": "default/t_x_int8", "size_MB": 3.0, "perplexity": 60.0}]
     assert [p["label"] for p in scatter_points(other)][-1] == "default/t_x_int8"  # two pairs: whole names
+
+
+def test_a_baseline_is_a_row_of_its_own_once_for_every_chain_that_shares_it(tmp_path):
+    target = {"recipe": "default", "teacher": "teacher", "student": "student", "quant": "gguf-q4"}
+    baseline = row("baseline", 51.0, 5_000_000, params=4_000_000, decode_tokens_per_s=80.0)
+    chains = [report([TEACHER, row("quantized", 58.0, 2_000_000), baseline], target=target),
+              report([TEACHER, row("quantized", 57.0, 3_000_000), baseline], target={**target, "recipe": "lora16"})]
+    rows = compare_rows([(f"r{i}.eval", chain) for i, chain in enumerate(chains)])
+    assert [r["result"] for r in rows] == ["default/teacher_student_gguf-q4 baseline", "lora16/teacher_student_gguf-q4",
+                                           "default/teacher_student_gguf-q4"]
+    assert rows[0]["size_vs_teacher"] == 5 / 16 and rows[0]["decode_tokens_per_s"] == 80.0

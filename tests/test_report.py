@@ -100,3 +100,14 @@ def test_eval_file_holds_final_metrics_chain_and_lineage_from_the_manifests(tmp_
     assert lineage["stage"] == "quantize" and lineage["settings"] == {"scheme": "bnb-int8"}
     assert lineage["code"] == "abc123" and lineage["wall_s"] == 1.5 and lineage["inputs"]["model"]["path"] == "m"
     assert "params" not in lineage and "extra" not in lineage  # metrics live in chain, not lineage
+
+
+def test_a_baseline_row_follows_the_chain_and_the_final_model_stays_the_quantized_one(tmp_path, capsys):
+    evals = [("teacher", evaluation(50.0, 4000, 16_000, 10.0, "base")),
+             ("quantized", evaluation(60.0, 1000, 1_000, 30.0, "quantize")),
+             ("baseline", evaluation(52.0, 4000, 5_000, 20.0, "quantize"))]
+    report, table = write_report(tmp_path, capsys, evals)
+    assert [row["stage"] for row in report["chain"]] == ["teacher", "quantized", "baseline"]
+    assert report["metrics"]["perplexity"] == 60.0  # the chain's final model, not the baseline after it
+    assert report["vs_baseline"] == {"perplexity": 60.0 / 52.0, "size": 0.2}
+    assert "baseline" in table.splitlines()[-1]

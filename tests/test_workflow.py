@@ -203,13 +203,22 @@ def test_html_report_carries_the_chain_page_plot_and_summary(built, tmp_path):
     assert page in str(categories["Chains"]) and "reports/summary.html" in str(categories["Summary"])
 
 
-def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
+def test_gguf_target_reuses_the_chain_and_evaluates_the_file_beside_the_teacher_alone(built):
     target = "results/teacher_student_gguf-q8.eval"
-    assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
+    jobs = {"quantize": 1, "quantize_baseline": 1, "evaluate": 2, "report": 1}
+    assert planned_jobs(snakemake(built, "-n", target)) == jobs
     snakemake(built, target)
     report = json.loads((built / target).read_text())
     gguf_file = built / "models/default/teacher_student/quant/gguf-q8/model.gguf"
     rows = {row["stage"]: row for row in report["chain"]}
+    # the baseline: the teacher written to GGUF and quantized alone, measured the same way, after the chain
+    assert list(rows)[-2:] == ["quantized", "baseline"]
+    teacher_gguf = built / "models/default/teacher_student/baseline/gguf-q8/model.gguf"
+    assert rows["baseline"]["size_bytes"] == teacher_gguf.stat().st_size < rows["teacher"]["size_bytes"] / 2
+    assert abs(rows["baseline"]["perplexity"] / rows["teacher"]["perplexity"] - 1) < 0.02
+    assert report["vs_baseline"]["size"] == rows["quantized"]["size_bytes"] / rows["baseline"]["size_bytes"]
+    quantized_eval = json.loads((built / "evals/default/teacher_student/quant/gguf-q8.json").read_text())["metrics"]
+    assert quantized_eval["read_by"]["perplexity"] == "llama.cpp"
     # not the 0.27x of a real model: the vocabulary and merges, and the f16 down_proj (24 input channels
     # are not whole 32-value blocks), weigh on a 30k-parameter student
     assert rows["quantized"]["size_bytes"] == gguf_file.stat().st_size < rows["recovered"]["size_bytes"] / 2
@@ -220,7 +229,7 @@ def test_gguf_target_reuses_the_chain_and_evaluates_the_file(built):
     original = writer.read_text()
     try:
         writer.write_text(original + "\n# an edit\n")
-        assert planned_jobs(snakemake(built, "-n", target)) == {"quantize": 1, "evaluate": 1, "report": 1}
+        assert planned_jobs(snakemake(built, "-n", target)) == jobs
     finally:
         writer.write_text(original)
 

@@ -75,6 +75,17 @@ def test_every_stage_gets_its_paths(demo):
                                                 "data": "data/stdlib/teacher"}
 
 
+def test_a_gguf_chain_is_evaluated_beside_its_teacher_quantized_alone(demo):
+    evals = paths.chain_evals("default", "teacher", "student", "gguf-q4")
+    assert list(evals)[-2:] == ["quantized", "baseline"]
+    assert evals["baseline"] == "evals/default/teacher_student/baseline/gguf-q4.json"
+    assert paths.chain_dir("default", "teacher", "student", "baseline/gguf-q4") == "models/default/teacher_student/baseline/gguf-q4"
+    assert inputs.teacher_model(wildcards(teacher="teacher", student="student")) == "models/base/teacher"
+    # a recipe that changes a training stage shares the default's baseline: only the method makes it
+    assert paths.stage_owner(families.TOP, "lora16", "baseline/gguf-q4") == "default"
+    assert "baseline" not in paths.chain_evals("default", "teacher", "student", "int8")  # GPTQ: no llama.cpp baseline
+
+
 def test_a_recipe_owns_only_the_stages_it_changes(demo):
     # lora16 changes recover: it reads the default's distilled and pruned models and builds its own recovered one
     assert paths.stage_owner(families.TOP, "lora16", "pruned") == "default"

@@ -96,6 +96,10 @@ def upstream(stage):
     return model
 
 
+def teacher_model(wildcards):
+    return base_dir(wildcards.teacher)
+
+
 def chain_data(wildcards):
     return data_dir(wildcards.teacher)
 
@@ -149,16 +153,17 @@ def built_results():
     }
 
 
-def settings_for(name):
+def settings_for(name, quantized="quant"):
     """Param function: the recipe-merged settings of a section, as JSON for the step's --settings. A path of
-    a stage that another recipe's directory holds is refused here, where every chain rule passes."""
+    a stage that another recipe's directory holds is refused here, where every chain rule passes. A quantize
+    job writes `quantized/{quant}` of its chain: `quant` (the chain's model) or `baseline` (its teacher's)."""
 
     def settings(wildcards):
         family = job_family(wildcards)
         values = section(family, wildcards.recipe, name)
         if name == "quantize":
             values = quant_method(family, wildcards.recipe, wildcards.quant)
-            stage = f"quant/{wildcards.quant}"
+            stage = f"{quantized}/{wildcards.quant}"
         else:
             stage = STAGE_OF.get(name) or getattr(wildcards, "stage", "base")
         evaluated = name == "evaluate"

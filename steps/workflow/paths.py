@@ -107,6 +107,8 @@ def stage_key(family, recipe, stage, evaluated=False):
     if stage.startswith("quant/"):
         methods = section(family, recipe, "quantize")["methods"]
         settings = {"upstream": stage_key(family, recipe, "recovered"), "quantize": methods.get(stage.partition("/")[2])}
+    elif stage.startswith("baseline/"):  # the teacher quantized alone: its method is all that makes it
+        settings = {"baseline": section(family, recipe, "quantize")["methods"].get(stage.partition("/")[2])}
     elif stage == "base":  # a base model's evaluation: the same model in every recipe
         settings = {}
     else:
@@ -150,12 +152,22 @@ def base_eval(family, recipe, alias, data):
     return f"evals/{stage_owner(family, recipe, 'base', evaluated=True)}/base/{data}/{alias}.json"
 
 
+def has_baseline(family, recipe, quant):
+    """Whether a chain's quant method has a baseline: the teacher quantized alone by it (GGUF types, which
+    llama.cpp users would otherwise make from the teacher in one command)."""
+    from steps.defaults import constant
+
+    return quant_method(family, recipe, quant)["scheme"] in constant("steps.quantize.gguf", "SCHEMES")
+
+
 def chain_evals(recipe, teacher, student, quant):
-    """Stage name -> evaluation file of each model of a chain, in chain order. `none` is the recovered model
-    itself: its evaluation, not a second one."""
+    """Stage name -> evaluation file of each model of a chain, in chain order, then the baseline's where the
+    method has one. `none` is the recovered model itself: its evaluation, not a second one."""
     family, data = pair_family(teacher, student), data_dir(teacher).rpartition("/")[2]
     quantized = "recovered" if quant_method(family, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
     stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
+    if has_baseline(family, recipe, quant):
+        stages["baseline"] = f"baseline/{quant}"
     return {
         "teacher": base_eval(family, recipe, teacher, data),
         "student": base_eval(family, recipe, student, data),

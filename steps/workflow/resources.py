@@ -12,7 +12,7 @@ import os
 from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, job_family
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
-RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill"}
+RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill", "quantize_baseline": "quantize"}
 ACROSS_NODES = ("nodes", "tasks")  # not taken from the rule a rule runs like: the teacher's cache is one process
 PLAN_ONLY = ("gpu_mem_mb",)  # read by the plan, not by Snakemake or SLURM
 PLANNED = ("distill", "recover", "quantize")  # the rules checked against the memory plan (steps/workflow/plan.py)
