@@ -20,8 +20,11 @@ def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     (workdir / GGUF).touch()  # `make smollm2` fetches it; a plan only needs it to exist
     planned = jobs(snakemake(workdir, "smollm2"))
     assert [out for out in outputs(planned, "report") if out.endswith(".eval")] == sorted(
-        ["results/smollm2_smollm2_gguf-q8.eval", "results/smollm2_smollm2_gguf-q4.eval",
-         "results/smollm2_smollm2_int8.eval", "results/smollm2_smollm2_nf4.eval"])
+        ["results/smollm2_smollm2_gguf-q8.eval", "results/smollm2_smollm2_gguf-q4km-im.eval",
+         "results/smollm2_smollm2_gguf-q4.eval", "results/smollm2_smollm2_int8.eval", "results/smollm2_smollm2_nf4.eval"])
+    # each GGUF chain beside the teacher quantized alone by the same method
+    assert sorted(outputs(planned, "quantize_baseline")) == [
+        f"models/default/smollm2_smollm2/baseline/{quant}" for quant in ("gguf-q4", "gguf-q4km-im", "gguf-q8")]
     shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}  # not the family's own rule
     assert '"block_size": 256' in shell["data/pydoc/smollm2"]  # the demo's is 128
     distill = shell["models/default/smollm2_smollm2/distilled"]

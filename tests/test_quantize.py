@@ -270,7 +270,7 @@ def test_a_scheme_is_found_by_its_name_in_its_own_module():
     declared = defaults.declared("steps.quantize", "SCHEMES")
     assert {s: f"steps.quantize.{m.__name__.rpartition('.')[2]}" for s, m in SCHEME_MODULES.items()} == {
         s: module for module, schemes in declared.items() for s in schemes}
-    assert calibrated_schemes() == {s for s, m in SCHEME_MODULES.items() if s in m.CALIBRATED} == {"gptq", "w8a8"}
+    assert calibrated_schemes() == {s for s, m in SCHEME_MODULES.items() if s in m.CALIBRATED} == {"gptq", "w8a8", "gguf-imatrix"}
     for module in set(SCHEME_MODULES.values()):
         assert set(module.CALIBRATED) <= set(module.SCHEMES) and module.RUN_FIX
         assert callable(module.check_source) and callable(module.quantize)
