@@ -263,8 +263,12 @@ def test_an_importance_matrix_changes_a_k_quant_and_is_refused_where_unused(gqa_
     plain = _write(gqa_model, tmp_path / "plain", "q4_k_m")
     settings = QuantizeSettings(scheme="gguf-imatrix", type="q4_k_m", calibration_blocks=4)
     quantize(str(gqa_model), str(tmp_path / "imatrix"), settings, str(data_dir))
-    weighted = (tmp_path / "imatrix" / "model.gguf").read_bytes()
-    assert len(weighted) == len((plain / "model.gguf").read_bytes()) and weighted != (plain / "model.gguf").read_bytes()
+    weighted = gguf.GGUFReader(tmp_path / "imatrix" / "model.gguf")
+    assert weighted.fields["quantize.imatrix.chunks_count"].contents() == 4  # llama-quantize records what it used
+    unweighted = {t.name: t for t in gguf.GGUFReader(plain / "model.gguf").tensors}
+    assert all(t.tensor_type == unweighted[t.name].tensor_type for t in weighted.tensors)  # the same types...
+    changed = [t.name for t in weighted.tensors if not np.array_equal(t.data, unweighted[t.name].data)]
+    assert "blk.0.ffn_down.weight" in changed  # ...rounded otherwise where the K-quant applies
     with pytest.raises(SystemExit, match="GGUF type q8_0 does not use an importance matrix; use scheme gguf"):
         quantize(str(gqa_model), str(tmp_path / "q8"), QuantizeSettings(scheme="gguf-imatrix", type="q8_0"), str(data_dir))
     assert not (tmp_path / "q8").exists()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from steps import llamacpp
 from steps.artifacts import StageError, read_manifest, settings_from, weights_bytes, write_json_atomic
 from steps.evaluate import generation, runtime, speed
 from steps.evaluate.generation import GenerationSettings
@@ -137,6 +138,7 @@ def in_llamacpp(gguf_file: Path, read_by_transformers: dict, input_ids, labels, 
              theirs, 100 * (theirs / metrics["perplexity"] - 1))
     metrics["transformers_perplexity"] = theirs
     metrics["read_by"] = {
+        "llama_cpp": llamacpp.version(),
         "perplexity": "llama.cpp", "speed": "llama.cpp (llama-bench)",
         "tasks": "transformers (weights dequantized from the file)", "generation": "transformers (weights dequantized from the file)",
     }
