@@ -126,20 +126,30 @@ def build(root: Path | None = None) -> Path:
     if (bin_path / STAMP).is_file() and all((bin_path / tool).is_file() for tool in TOOLS):
         log.info("llama.cpp %s already built in %s", VERSION, bin_path)
     else:
-        missing = [program for program in ("cmake", "ninja") if shutil.which(program) is None]
-        if missing:
-            raise StageError(f"building llama.cpp needs {' and '.join(missing)} on PATH; pip install {' '.join(missing)}")
+        cmake, ninja = build_programs()
         root.mkdir(parents=True, exist_ok=True)
         source = root / "src"
         if not (source / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
             unpack(sdist(root), source)
         log.info("building llama.cpp (llama-cpp-python %s) in %s: a few minutes", VERSION, root / "build")
-        subprocess.run(["cmake", "-S", source / "vendor" / "llama.cpp", "-B", root / "build", *BUILD_FLAGS], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["ninja", "-C", root / "build", *TOOLS, "llama"], check=True)
+        subprocess.run([cmake, "-S", source / "vendor" / "llama.cpp", "-B", root / "build", *BUILD_FLAGS,
+                        f"-DCMAKE_MAKE_PROGRAM={ninja}"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([ninja, "-C", root / "build", *TOOLS, "llama"], check=True)
         (bin_path / STAMP).write_text(VERSION + "\n")
     install_bindings(root)
     return bin_path
+
+
+def build_programs() -> tuple[str, str]:
+    """cmake and ninja: the machine's, else PyPI's wheels of them installed into this environment."""
+    here = Path(sys.executable).parent
+    found = {name: shutil.which(name) or (str(here / name) if (here / name).is_file() else None) for name in ("cmake", "ninja")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        log.info("no %s on this machine: installing %s from PyPI", " or ".join(missing), " and ".join(missing))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+        found.update({name: str(here / name) for name in missing})
+    return found["cmake"], found["ninja"]
 
 
 def sdist(root: Path) -> Path:

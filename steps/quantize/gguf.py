@@ -78,7 +78,7 @@ def quantize(model_dir: str, out: Path, settings: QuantizeSettings, calibration,
     """Write the model as a float GGUF, then `out/model.gguf` in the GGUF `type` by llama-quantize."""
     model = load_model(model_dir)
     params = model.num_parameters()
-    float_file = out / f"float.{GGUF_FILE}"
+    float_file = out / f"float.{GGUF_FILE}"  # beside the output (same disk, removed with it on failure), not in /tmp
     write_gguf(model, model_dir, float_file, FLOAT_TYPES.get(model.dtype, "f32"))
     del model
     with tempfile.TemporaryDirectory() as scratch:
@@ -100,7 +100,8 @@ def importance_matrix(float_file: Path, model_dir: str, calibration: torch.Tenso
 
     tokenizer = load_tokenizer(model_dir)
     text = scratch / "calibration.txt"
-    text.write_text("\n".join(tokenizer.decode(block, skip_special_tokens=True) for block in calibration.tolist()))
+    text.write_text("\n".join(tokenizer.decode(block, skip_special_tokens=True) for block in calibration.tolist()),
+                    encoding="utf-8")
     matrix = scratch / "imatrix.gguf"
     started = time.time()
     llamacpp.run_tool(
