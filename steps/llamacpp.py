@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,13 +132,29 @@ def build(root: Path | None = None) -> Path:
         source = root / "src"
         if not (source / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
             unpack(sdist(root), source)
-        log.info("building llama.cpp (llama-cpp-python %s) in %s: a few minutes", VERSION, root / "build")
-        subprocess.run([cmake, "-S", source / "vendor" / "llama.cpp", "-B", root / "build", *BUILD_FLAGS,
-                        f"-DCMAKE_MAKE_PROGRAM={ninja}"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([ninja, "-C", root / "build", *TOOLS, "llama"], check=True)
+        build_log = root / "build.log"
+        log.info("building llama.cpp (llama-cpp-python %s) in %s: a few minutes; compiler output in %s",
+                 VERSION, root / "build", build_log)
+        with build_log.open("w") as output:
+            for command in ([cmake, "-S", source / "vendor" / "llama.cpp", "-B", root / "build", *BUILD_FLAGS,
+                             f"-DCMAKE_MAKE_PROGRAM={ninja}"], [ninja, "-C", root / "build", *TOOLS, "llama"]):
+                run_logged(command, output, build_log)
         (bin_path / STAMP).write_text(VERSION + "\n")
     install_bindings(root)
     return bin_path
+
+
+def run_logged(command: list, output, build_log: Path) -> None:
+    """Run a build command with its output in the build log, and a progress line for every 25 ninja steps."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    for line in process.stdout:
+        output.write(line)
+        step = re.match(r"\[(\d+)/(\d+)\]", line)
+        if step and (int(step[1]) % 25 == 0 or step[1] == step[2]):
+            log.info("llama.cpp build: step %s of %s", step[1], step[2])
+    if process.wait() != 0:
+        raise StageError(f"building llama.cpp failed ({Path(str(command[0])).name} exited {process.returncode}); "
+                         f"see {build_log}")
 
 
 def build_programs() -> tuple[str, str]:
