@@ -35,6 +35,7 @@ log = logging.getLogger("steps")
 
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors the llama.cpp built here
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-tokenize", "llama-perplexity")
+GGUF_FILE = "model.gguf"  # what a GGUF output directory holds beside its manifest (quantize writes it, evaluate runs it)
 STAMP = "llama-cpp-python.version"  # written beside the tools once the build succeeded
 CPU_FLAGS = [
     "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=ON",

@@ -123,9 +123,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> 
 
 
 def gguf_model_file(model_dir: str) -> Path | None:
-    from steps.quantize.gguf import GGUF_FILE
-
-    path = Path(model_dir) / GGUF_FILE
+    path = Path(model_dir) / llamacpp.GGUF_FILE
     return path if path.is_file() else None
 
 

@@ -38,6 +38,7 @@ import gguf
 import torch
 
 from steps import llamacpp
+from steps.llamacpp import GGUF_FILE
 from steps.artifacts import StageError
 from steps.models import ADAPTER_DIR, load_model, unmerged_adapter
 
@@ -46,7 +47,6 @@ log = logging.getLogger("steps")
 SCHEMES = ("gguf", "gguf-imatrix")
 CALIBRATED = ("gguf-imatrix",)
 RUN_FIX = "pick another GGUF type (q8_0 keeps the most)"
-GGUF_FILE = "model.gguf"
 # llama-quantize's types (its names, lower case): the ones llama.cpp's docs tabulate for perplexity and size
 TensorType = Literal[
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
