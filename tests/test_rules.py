@@ -181,7 +181,7 @@ def test_a_stage_path_another_recipe_holds_is_refused_naming_it(workdir, tmp_pat
     ("results/nope/teacher_student_int8.eval",
      "unknown recipe 'nope'; known: lora16 (add it under `recipes:` in the config)"),
     ("results/teacher_student_int9.eval",
-     "unknown quant method 'int9'; known: bf16, fp16, fp4, gguf-q4, gguf-q8, gptq4, int8, llm-int8, nf4, none, rtn4, w8a8"
+     "unknown quant method 'int9'; known: bf16, fp16, fp4, gguf-q4, gguf-q4km, gguf-q8, gptq4, int8, llm-int8, nf4, none, rtn4, w8a8"
      " (see `quantize.methods`)"),
 ], ids=["alias", "recipe", "quant"])
 def test_unknown_names_fail_at_planning_time_in_one_line(workdir, target, message):
@@ -256,9 +256,10 @@ def test_summary_reads_results_already_built_but_never_rebuilds_them(workdir):
     try:
         result = snakemake(workdir, "-n", "-p", "reports/summary.html")
         (job,) = [job for job in job_blocks(result) if job["rule"] == "summary"]
-        assert job["input"] == "results/teacher_student_int8.eval"  # the config's target: built first
+        targets = ["results/teacher_student_int8.eval", "results/teacher_student_gguf-q4km.eval"]
+        assert job["input"] == ", ".join(targets)  # the config's targets: built first
         shell = re.search(r"python -m steps\.compare (.*?) --csv", result.stdout + result.stderr)[1].split()
-        assert shell == ["results/teacher_student_int8.eval", "results/other/big_small_q4.eval"]
+        assert shell == [*targets, "results/other/big_small_q4.eval"]
         assert "big_small" not in "".join(job.get("output", "") for job in job_blocks(result))  # not rebuilt
     finally:
         foreign.unlink()
