@@ -23,6 +23,7 @@ from steps.artifacts import StageError
 
 BASE_COLUMNS = ["result", "perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s"]
 GENERATION_SCORES = ("rouge_l", "exact_match", "f1")
+BASELINE = "baseline"  # a chain row: the teacher quantized alone by the chain's method (steps.workflow.paths.has_baseline)
 FIX = "pass `.eval` files written by steps.report (results/[<recipe>/]<teacher>_<student>_<quant>.eval)"
 
 
@@ -89,7 +90,7 @@ def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
         target = eval_target(path, report)
         chain = report["chain"]
         # the final model: its metrics, or for a report without them, the chain's last row
-        last = [r for r in chain if r["stage"] != "baseline"][-1]
+        last = [r for r in chain if r["stage"] != BASELINE][-1]
         final = {**{k: v for k, v in last.items() if k != "stage"}, **report.get("metrics", {})}
         teacher = next((row for row in chain if row["stage"] == "teacher"), {})
         row = {
@@ -102,7 +103,7 @@ def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
             **{k: v for k, v in final.items() if is_score(k)},
         }
         rows.append({k: v for k, v in row.items() if v is not None})
-        baseline = next((r for r in chain if r["stage"] == "baseline"), None)
+        baseline = next((r for r in chain if r["stage"] == BASELINE), None)
         if baseline is not None:  # chains of one teacher and method share it: one row, named by the first
             key = (target["teacher"], target["quant"], baseline["perplexity"], baseline["size_bytes"])
             baselines.setdefault(key, {

@@ -22,14 +22,13 @@ from pathlib import Path
 
 from steps.artifacts import write_json_atomic
 from steps.compare import (
-    GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios,
+    BASELINE, GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios,
 )
 
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "threads", "peak_rss_bytes", "inputs")
 ROW_KEYS = ("perplexity", "params", "size_bytes", "tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "ms_per_token", "peak_memory_bytes")
 TASK_KEYS = ("acc", "acc_norm")
-BASELINE = "baseline"  # the row of the teacher quantized alone (steps.workflow.paths.has_baseline)
 
 
 def chain_row(stage: str, metrics: dict) -> dict:
