@@ -5,7 +5,7 @@ import shlex
 from steps.fingerprint import code_fingerprint
 from steps.workflow.families import all_targets
 from steps.workflow.inputs import (
-    base_eval_inputs, built_results, chain_data, eval_model, malformed_target, report_args, report_inputs, settings_for,
+    base_eval_inputs, built_results, chain_data, eval_model, eval_sets, malformed_target, report_args, report_inputs, settings_for,
 )
 from steps.workflow.paths import MALFORMED_NAME
 from steps.workflow.launch import launcher
@@ -16,6 +16,7 @@ rule evaluate:
     input:
         model=eval_model,
         data=chain_data,
+        sets=eval_sets,
     output:
         "evals/{recipe}/{teacher}_{student}/{stage}.json",
     params:
@@ -29,7 +30,7 @@ rule evaluate:
         "logs/evaluate/{recipe}/{teacher}_{student}/{stage}.log",
     shell:
         "{params.launch} steps.evaluate --threads {threads} --model {input.model} --data {input.data}"
-        " --settings {params.settings:q} --out {output} > {log} 2>&1"
+        " --sets '{input.sets}' --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
 # A base model (teacher, student) on one chain's data: shared by every pair and recipe that reads it.

@@ -23,6 +23,7 @@ from steps.artifacts import StageError
 
 BASE_COLUMNS = ["result", "perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s"]
 GENERATION_SCORES = ("rouge_l", "exact_match", "f1")
+SET_PERPLEXITY = "/perplexity"  # `<set>/perplexity`: a chain row's perplexity on an evaluation set (report.chain_row)
 BASELINE = "baseline"  # a chain row: the teacher quantized alone by the chain's method (steps.workflow.paths.has_baseline)
 FIX = "pass `.eval` files written by steps.report (results/[<recipe>/]<teacher>_<student>_<quant>.eval)"
 
@@ -68,18 +69,30 @@ def _ratio(value: float, baseline: float | None) -> float | None:
     return value / baseline if baseline else None
 
 
+def set_columns(row: dict) -> list[str]:
+    """The `<set>/perplexity` columns of a row: the evaluation sets besides the chain's own data."""
+    return [k for k in row if k.endswith(SET_PERPLEXITY)]
+
+
 def teacher_ratios(row: dict, teacher: dict) -> dict:
-    """A chain row's size in MB, and its perplexity and size as ratios to the teacher's row (None without one)."""
+    """A chain row's size in MB, and its perplexities (its own data's and each set's, `<set>/ppl_vs_teacher`) and
+    size as ratios to the teacher's row (None without one)."""
     return {
         "size_MB": row["size_bytes"] / 1e6,
         "ppl_vs_teacher": _ratio(row["perplexity"], teacher.get("perplexity")),
+        **{column.replace(SET_PERPLEXITY, "/ppl_vs_teacher"): _ratio(row[column], teacher.get(column))
+           for column in set_columns(row)},
         "size_vs_teacher": _ratio(row["size_bytes"], teacher.get("size_bytes")),
     }
 
 
 def score_columns(present: set[str]) -> list[str]:
-    """Task scores (sorted) then generation scores, of the columns present."""
-    return sorted(k for k in present if "/" in k) + [k for k in GENERATION_SCORES if k in present]
+    """Each evaluation set's perplexity and its ratio to the teacher, task scores (sorted), then generation
+    scores, of the columns present."""
+    sets = sorted(k.removesuffix(SET_PERPLEXITY) for k in present if k.endswith(SET_PERPLEXITY))
+    by_set = [f"{name}{suffix}" for name in sets for suffix in (SET_PERPLEXITY, "/ppl_vs_teacher")]
+    return ([k for k in by_set if k in present] + sorted(k for k in present if "/" in k and k not in by_set)
+            + [k for k in GENERATION_SCORES if k in present])
 
 
 def compare_rows(evals: list[tuple[str, dict]]) -> list[dict]:
@@ -192,27 +205,33 @@ def inline_svg(path: str | Path) -> str:
     return text[text.index("<svg") :]
 
 
-def scatter_points(rows: list[dict]) -> list[dict]:
-    """One point per distinct (size, perplexity), labelled `recipe/quant` when every result is of the same pair
-    (else the whole result name); results that land on the same point share one comma-joined label."""
+def scatter_points(rows: list[dict], column: str = "perplexity") -> list[dict]:
+    """One point per distinct (size, `column`), labelled `recipe/quant` when every result is of the same pair
+    (else the whole result name); results that land on the same point share one comma-joined label. Rows
+    without the column (a set some results were not evaluated on) are left out."""
     pairs = {row["result"].split("/", 1)[1].rsplit("_", 1)[0] for row in rows}
     points: dict[tuple, dict] = {}
     for row in rows:
+        if column not in row:
+            continue
         recipe, _, name = row["result"].partition("/")
         label = f"{recipe}/{name.rsplit('_', 1)[1]}" if len(pairs) == 1 else row["result"]
-        key = (round(row["size_MB"], 2), round(row["perplexity"], 2))
+        key = (round(row["size_MB"], 2), round(row[column], 2))
         if key in points:
             points[key]["label"] += f", {label}"
         else:
-            points[key] = {"label": label, "size_bytes": row["size_MB"] * 1e6, "perplexity": row["perplexity"]}
+            points[key] = {"label": label, "size_bytes": row["size_MB"] * 1e6, "perplexity": row[column]}
     return list(points.values())
 
 
 def write_page(rows: list[dict], columns: list[str], out: str | Path, plot: str | Path) -> None:
-    """The summary page: the table and the quality-vs-size scatter inline."""
+    """The summary page: the table and the quality-vs-size scatter inline, a panel per evaluation set."""
     from steps import plots  # matplotlib only when a page is asked for
 
-    plots.plot_quality_vs_size(scatter_points(rows), plot)
+    panels = {"each chain's own test data": scatter_points(rows)}
+    panels.update({column.removesuffix(SET_PERPLEXITY): scatter_points(rows, column)
+                   for column in columns if column.endswith(SET_PERPLEXITY)})
+    plots.plot_quality_vs_size(panels, plot)
     page = "\n".join([
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Results</title>',
         PAGE_STYLE,

@@ -73,20 +73,27 @@ def _save(fig, out: str | Path) -> None:
 
 
 def plot_chain(chain: list[dict], out: str | Path) -> None:
-    """Held-out perplexity and size on disk per stage, in chain order, the value on each bar."""
+    """Held-out perplexity and size on disk per stage, in chain order, the value on each bar; a chain evaluated
+    on more sets (`<set>/perplexity` columns) gets one bar per set in each stage's group."""
     if not chain:
         raise StageError(f"{out}: the chain has no stages to plot; pass a `.eval` file's `chain`")
     stages = [row["stage"] for row in chain]
     positions = range(len(stages))
+    sets = list(dict.fromkeys(k for row in chain for k in row if k.endswith("/perplexity")))
+    series = [("own test data", "perplexity"), *((k.removesuffix("/perplexity"), k) for k in sets)]
+    width = 0.7 / len(series)
     with plt.rc_context(STYLE):
         fig, (ppl_ax, size_ax) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
-        panels = [
-            (ppl_ax, [row["perplexity"] for row in chain], "held-out perplexity", "%.2f", "C0"),
-            (size_ax, [row["size_bytes"] / 1e6 for row in chain], "size on disk (MB)", "%.3g", "C1"),
-        ]
-        for ax, values, label, fmt, color in panels:
-            bars = ax.bar(positions, values, color=color, width=0.7)
-            ax.bar_label(bars, fmt=fmt, padding=2, fontsize=8)
+        for index, (name, column) in enumerate(series):
+            offset = (index - (len(series) - 1) / 2) * width
+            bars = ppl_ax.bar([p + offset for p in positions], [row.get(column, float("nan")) for row in chain],
+                              color=f"C{0 if index == 0 else index + 1}", width=width, label=name)
+            ppl_ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8 if len(series) == 1 else 6)
+        bars = size_ax.bar(positions, [row["size_bytes"] / 1e6 for row in chain], color="C1", width=0.7)
+        size_ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+        if len(series) > 1:
+            ppl_ax.legend(fontsize=7, loc="best")
+        for ax, label in ((ppl_ax, "held-out perplexity"), (size_ax, "size on disk (MB)")):
             ax.set_xticks(positions, stages, rotation=30, ha="right")
             ax.set_xlabel("stage")
             ax.set_ylabel(label)
@@ -94,31 +101,34 @@ def plot_chain(chain: list[dict], out: str | Path) -> None:
         _save(fig, out)
 
 
-def plot_quality_vs_size(points: list[dict], out: str | Path) -> None:
-    """Perplexity against size for a sweep's results, each labelled, with the Pareto front stepped through.
+def plot_quality_vs_size(panels: dict[str, list[dict]] | list[dict], out: str | Path) -> None:
+    """Perplexity against size for a sweep's results, each labelled, with the Pareto front stepped through:
+    one panel per evaluation set (a dict of title -> points), or one untitled panel (a list of points).
 
     Each point is {"label", "size_bytes", "perplexity"}. Log-x when sizes span more than 10x, so a
     4-bit model and its 16-bit teacher both stay readable.
     """
-    if not points:
+    panels = {"": panels} if isinstance(panels, list) else {title: p for title, p in panels.items() if p}
+    if not any(panels.values()):
         raise StageError(f"{out}: no results to plot; pass at least one `.eval` file")
-    sizes = [p["size_bytes"] / 1e6 for p in points]
-    ppls = [p["perplexity"] for p in points]
-    front = pareto_front(points)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(9.0, 5.0), layout="constrained")
-        ax.scatter(sizes, ppls, color="0.55", s=28, zorder=2)
-        ax.plot(
-            [sizes[i] for i in front], [ppls[i] for i in front], drawstyle="steps-post",
-            marker="o", markersize=8, color="C3", label="Pareto front", zorder=3,
-        )
-        for size, ppl, p in zip(sizes, ppls, points):
-            ax.annotate(p["label"], (size, ppl), xytext=(5, 4), textcoords="offset points", fontsize=8)
-        if min(sizes) > 0 and max(sizes) > 10 * min(sizes):
-            ax.set_xscale("log")
-        ax.set_xlabel("size on disk (MB)")
-        ax.set_ylabel("held-out perplexity")
-        ax.legend(loc="best")
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9.0, 5.0 * len(panels)), layout="constrained", squeeze=False)
+        for ax, (title, points) in zip(axes[:, 0], panels.items()):
+            sizes = [p["size_bytes"] / 1e6 for p in points]
+            ppls = [p["perplexity"] for p in points]
+            front = pareto_front(points)
+            ax.scatter(sizes, ppls, color="0.55", s=28, zorder=2)
+            ax.plot(
+                [sizes[i] for i in front], [ppls[i] for i in front], drawstyle="steps-post",
+                marker="o", markersize=8, color="C3", label="Pareto front", zorder=3,
+            )
+            for size, ppl, p in zip(sizes, ppls, points):
+                ax.annotate(p["label"], (size, ppl), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            if min(sizes) > 0 and max(sizes) > 10 * min(sizes):
+                ax.set_xscale("log")
+            ax.set_xlabel("size on disk (MB)")
+            ax.set_ylabel(f"perplexity: {title}" if title else "held-out perplexity")
+            ax.legend(loc="best")
         _save(fig, out)
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from steps.artifacts import write_json_atomic
 from steps.compare import (
-    BASELINE, GENERATION_SCORES, PAGE_STYLE, format_table, html_table, inline_svg, score_columns, teacher_ratios,
+    BASELINE, GENERATION_SCORES, PAGE_STYLE, SET_PERPLEXITY, format_table, html_table, inline_svg, score_columns,
+    set_columns, teacher_ratios,
 )
 
 LINEAGE_KEYS = ("stage", "settings", "code", "versions", "wall_s", "threads", "peak_rss_bytes", "inputs")
@@ -34,6 +35,8 @@ TASK_KEYS = ("acc", "acc_norm")
 def chain_row(stage: str, metrics: dict) -> dict:
     """One flat row: the headline metrics, `<task>/acc` and `<task>/acc_norm`, and the generation scores."""
     row = {"stage": stage, **{k: metrics[k] for k in ROW_KEYS if k in metrics}}
+    row.update({f"{name}{SET_PERPLEXITY}": scores["perplexity"]  # the evaluation sets besides the chain's own data
+                for name, scores in metrics.get("sets", {}).items() if name != metrics.get("dataset")})
     for task, scores in metrics.get("tasks", {}).items():
         row.update({f"{task}/{k}": scores[k] for k in TASK_KEYS if k in scores})
     row.update({k: v for k, v in metrics.get("generation", {}).items() if k in GENERATION_SCORES})
@@ -49,10 +52,11 @@ def build_report(evals: list[tuple[str, dict]], target: dict | None = None) -> d
     report = {"target": target} if target else {}
     baseline = dict(evals).get(BASELINE)
     if baseline is not None:
+        final_row, baseline_row = chain_row("final", final["metrics"]), chain_row(BASELINE, baseline["metrics"])
         report["vs_baseline"] = {
-            "perplexity": final["metrics"]["perplexity"] / baseline["metrics"]["perplexity"],
-            "size": final["metrics"]["size_bytes"] / baseline["metrics"]["size_bytes"],
-        }
+            column: final_row[column] / baseline_row[column]
+            for column in ("perplexity", *set_columns(final_row)) if column in baseline_row
+        } | {"size": final["metrics"]["size_bytes"] / baseline["metrics"]["size_bytes"]}
     return {
         **report,
         "metrics": final["metrics"],
@@ -82,6 +86,20 @@ def format_chain(chain: list[dict]) -> str:
     return format_table(rows, columns)
 
 
+def sets_sentence(report: dict) -> str:
+    """Which text each perplexity column was measured on."""
+    own = report["metrics"].get("dataset")
+    others = [name for name in report["metrics"].get("sets", {}) if name != own]
+    sentence = f"`perplexity` is on the test split of {own}, the chain's own data." if own else ""
+    if others:
+        sentence += f" `<set>/perplexity` is on the test split of each evaluation set ({', '.join(others)}): text the chain never trains on."
+    return sentence
+
+
+def baseline_ratios(vs_baseline: dict) -> str:
+    return ", ".join(f"{column} x{value:.3f}" for column, value in vs_baseline.items())
+
+
 def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> None:
     target = report.get("target") or {}
     title = "{recipe}: {teacher} → {student}, {quant}".format(**target) if target else "chain"
@@ -93,10 +111,10 @@ def write_page(report: dict, out: Path, plot: Path, training: Path | None) -> No
         PAGE_STYLE,
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Held-out perplexity and task scores per stage; ratios are to the teacher. "
+        f"<p>Held-out perplexity and task scores per stage; ratios are to the teacher. {html.escape(sets_sentence(report))} "
         + ("<b>baseline</b> is the teacher quantized alone by the same method: the chain is worth running where its "
-           f"final model beats it (here perplexity x{report['vs_baseline']['perplexity']:.3f}, size "
-           f"x{report['vs_baseline']['size']:.3f} of the baseline's). " if "vs_baseline" in report else "")
+           f"final model beats it (here {html.escape(baseline_ratios(report['vs_baseline']))} of the baseline's). "
+           if "vs_baseline" in report else "")
         + "Evaluation: "
         f"<code>{html.escape(json.dumps({k: v for k, v in report['evaluation'].items() if not isinstance(v, dict)}))}</code></p>",
         html_table(rows, columns),

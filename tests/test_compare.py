@@ -195,3 +195,19 @@ def test_a_baseline_is_a_row_of_its_own_once_for_every_chain_that_shares_it(tmp_
     assert [r["result"] for r in rows] == ["default/teacher_student_gguf-q4 baseline", "lora16/teacher_student_gguf-q4",
                                            "default/teacher_student_gguf-q4"]
     assert rows[0]["size_vs_teacher"] == 5 / 16 and rows[0]["decode_tokens_per_s"] == 80.0
+
+
+def test_evaluation_sets_are_columns_with_ratios_and_a_scatter_panel_each(tmp_path):
+    teacher = row("teacher", 50.0, 16_000_000, **{"books/perplexity": 30.0})
+    final = row("quantized", 55.0, 4_000_000, **{"books/perplexity": 45.0})
+    chain = report([teacher, final], target={"recipe": "default", "teacher": "teacher", "student": "student", "quant": "int8"})
+    rows = compare_rows([("a.eval", chain), ("b.eval", DEFAULT)])
+    assert rows[0]["books/perplexity"] == 45.0 and rows[0]["books/ppl_vs_teacher"] == 1.5
+    columns = compare_columns(rows)
+    assert columns[columns.index("tokens_per_s") + 1:][:2] == ["books/perplexity", "books/ppl_vs_teacher"]
+    path = tmp_path / "a.eval"
+    path.write_text(json.dumps(chain))
+    (tmp_path / "b.eval").write_text(json.dumps(DEFAULT))
+    main([str(path), str(tmp_path / "b.eval"), "--html", str(tmp_path / "s.html"), "--plot", str(tmp_path / "s.svg")])
+    svg = (tmp_path / "s.svg").read_text()
+    assert "perplexity: each chain's own test data" in svg and "perplexity: books" in svg

@@ -266,3 +266,34 @@ def test_real_shapes_evaluate_and_tied_matrices_count_once(tokenizer_dir, data_d
     assert metrics["params"] == stored and "lm_head.weight" not in safe_open(model / "model.safetensors", "pt").keys()
     assert metrics["scored_tokens"] == 95 and metrics["tasks"]["pysyntax"]["samples"] == 4
     assert metrics["generation"]["samples"] == 2 and metrics["decode_tokens_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def other_set(tmp_path_factory, tokenizer_dir):
+    """A second evaluation set: the standard library's source, prepared with the same tokenizer."""
+    from steps.data.fetch import fetch
+    from steps.data.prepare import PrepareSettings, prepare
+
+    root = tmp_path_factory.mktemp("sets")
+    fetch({"builtin": "python_stdlib"}, str(root / "stdlib" / "raw"))
+    out = root / "stdlib" / "tok"
+    prepare(str(root / "stdlib" / "raw"), str(tokenizer_dir), str(out), PrepareSettings(block_size=32, max_records=60))
+    return out
+
+
+def test_run_measures_every_evaluation_set_as_if_it_were_the_chains_data(teacher_dir, data_dir, other_set, tmp_path):
+    settings = EvaluateSettings(context=32, stride=16, max_tokens=256)
+    alone = run(str(teacher_dir), str(other_set), str(tmp_path / "alone.json"), settings)["metrics"]
+    both = run(str(teacher_dir), str(data_dir), str(tmp_path / "both.json"),
+               EvaluateSettings(context=32, stride=16, max_tokens=256, sets=["stdlib"]), [str(other_set)])["metrics"]
+    assert both["dataset"] == data_dir.parent.name and list(both["sets"]) == [data_dir.parent.name, "stdlib"]
+    assert both["sets"][data_dir.parent.name] == {"perplexity": both["perplexity"], "scored_tokens": both["scored_tokens"]}
+    assert both["sets"]["stdlib"] == {"perplexity": alone["perplexity"], "scored_tokens": alone["scored_tokens"]}
+    assert both["sets"]["stdlib"]["perplexity"] != both["perplexity"]  # other text, another number
+
+
+def test_run_refuses_sets_without_their_directories(model_dir, data_dir, tmp_path):
+    with pytest.raises(StageError, match=r"evaluate.sets names 2 set\(s\).*--sets gives 1"):
+        run(str(model_dir), str(data_dir), str(tmp_path / "e.json"),
+            EvaluateSettings(context=32, stride=16, sets=["a", "b"]), [str(data_dir)])
+    assert not (tmp_path / "e.json").exists()

@@ -103,7 +103,8 @@ def test_evaluate_measures_the_gguf_in_llamacpp_and_reports_its_real_size(gqa_mo
 
     out = _write(gqa_model, tmp_path / "q8", "q8_0")
     settings = EvaluateSettings(context=32, stride=16, speed={"prompt_tokens": 16, "new_tokens": 4, "repeats": 1})
-    got = evaluate(str(out), str(data_dir), str(tmp_path / "q8.json"), settings)["metrics"]
+    sets = EvaluateSettings(**{**settings.__dict__, "sets": ["again"]})  # a set: llama.cpp reads it too
+    got = evaluate(str(out), str(data_dir), str(tmp_path / "q8.json"), sets, [str(data_dir)])["metrics"]
     want = evaluate(str(gqa_model), str(data_dir), str(tmp_path / "float.json"), settings)["metrics"]
     assert got["size_bytes"] == (out / "model.gguf").stat().st_size < 0.3 * want["size_bytes"]
     assert got["params"] == want["params"]
@@ -111,6 +112,7 @@ def test_evaluate_measures_the_gguf_in_llamacpp_and_reports_its_real_size(gqa_mo
     assert got["read_by"]["perplexity"] == "llama.cpp" and "read_by" not in want
     assert got["scored_tokens"] == want["scored_tokens"]  # the same windows, scored the same way
     assert abs(got["transformers_perplexity"] / got["perplexity"] - 1) < 0.002
+    assert got["sets"]["again"] == {k: got[k] for k in ("perplexity", "scored_tokens", "transformers_perplexity")}
     assert got["decode_tokens_per_s"] > 0 and got["prefill_tokens_per_s"] > 0
 
 

@@ -111,3 +111,28 @@ def test_a_baseline_row_follows_the_chain_and_the_final_model_stays_the_quantize
     assert report["metrics"]["perplexity"] == 60.0  # the chain's final model, not the baseline after it
     assert report["vs_baseline"] == {"perplexity": 60.0 / 52.0, "size": 0.2}
     assert "baseline" in table.splitlines()[-1]
+
+
+def test_each_evaluation_set_is_a_column_with_its_ratio_and_vs_baseline(tmp_path, capsys):
+    def with_sets(e, own, held_out):
+        e["metrics"].update(dataset="docs", sets={"docs": {"perplexity": own, "scored_tokens": 99},
+                                                  "books": {"perplexity": held_out, "scored_tokens": 50}})
+        return e
+
+    evals = [("teacher", with_sets(evaluation(10.0, 1000, 4000, 10.0, "base"), 10.0, 40.0)),
+             ("quantized", with_sets(evaluation(9.0, 500, 1000, 20.0, "quantize"), 9.0, 60.0)),
+             ("baseline", with_sets(evaluation(10.5, 1000, 2000, 20.0, "quantize"), 10.5, 42.0))]
+    report, table = write_report(tmp_path, capsys, evals)
+    assert [row["books/perplexity"] for row in report["chain"]] == [40.0, 60.0, 42.0]
+    assert "docs/perplexity" not in report["chain"][0]  # the chain's own data is `perplexity`
+    assert report["vs_baseline"] == {"perplexity": 9.0 / 10.5, "books/perplexity": 60.0 / 42.0, "size": 0.5}
+    header, _, quantized, _ = table.splitlines()
+    assert header.split()[-2:] == ["books/perplexity", "books/ppl_vs_teacher"]
+    assert quantized.split()[-2:] == ["60.00", "1.500"]
+    page = tmp_path / "page.html"
+    main([*sum((["--eval", f"{stage}={tmp_path / f'{stage}.json'}"] for stage, _ in evals), []),
+          "--out", str(tmp_path / "again.eval"), "--html", str(page), "--plot", str(tmp_path / "chain.svg")])
+    text = page.read_text()
+    assert "`perplexity` is on the test split of docs" in text and "each evaluation set (books)" in text
+    assert "books/perplexity x1.429" in text
+    assert "books" in (tmp_path / "chain.svg").read_text()  # the plot's legend names the set

@@ -76,6 +76,9 @@ def test_eval_report_has_metrics_chain_and_lineage(built, monkeypatch):
     for row in report["chain"]:  # tiny.yaml: the shipped lm-eval task, Rouge-L of 4 continuations, decode speed
         assert 0 <= row["pysyntax/acc"] <= 1 and 0 <= row["pysyntax/acc_norm"] <= 1 and 0 <= row["rouge_l"] <= 1
         assert row["decode_tokens_per_s"] > 0, row["stage"]
+        # and the evaluation set: code, which a chain trained on docs reads worse than its own test split
+        assert row["stdlib/perplexity"] > row["perplexity"], row["stage"]
+    assert list(report["metrics"]["sets"]) == ["pydoc", "stdlib"] and report["metrics"]["dataset"] == "pydoc"
     assert report["metrics"]["tasks"]["pysyntax"]["samples"] == 8
     ppl = {row["stage"]: row["perplexity"] for row in report["chain"]}
     assert ppl["teacher"] < ppl["student"] / 2, "pre-training did not make the teacher clearly better than random"

@@ -4,6 +4,7 @@ paths, recipe sharing, family lookup, resources per pair, threads and the memory
 from __future__ import annotations
 
 import copy
+import re
 import types
 
 import pytest
@@ -84,6 +85,30 @@ def test_a_gguf_chain_is_evaluated_beside_its_teacher_quantized_alone(demo):
     # a recipe that changes a training stage shares the default's baseline: only the method makes it
     assert paths.stage_owner(families.TOP, "lora16", "baseline/gguf-q4") == "default"
     assert "baseline" not in paths.chain_evals("default", "teacher", "student", "int8")  # GPTQ: no llama.cpp baseline
+
+
+def test_every_model_of_a_chain_reads_the_evaluation_sets_in_the_chains_tokens(demo, tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["evaluate"]["sets"] = ["pydoc"]
+    families.load(config, str(REPO))
+    chain = wildcards(teacher="teacher", student="student", recipe="default", stage="pruned")
+    assert inputs.eval_sets(chain) == ["data/pydoc/teacher"]  # the demo's student reads the teacher's tokens
+    base = wildcards(recipe="default", data="teacher", alias="student")
+    assert inputs.base_eval_inputs(base) == {"model": "models/base/student", "data": "data/stdlib/teacher",
+                                             "sets": ["data/pydoc/teacher"]}
+    families.load(copy.deepcopy(DEMO), str(REPO))
+    assert inputs.eval_sets(chain) == []
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["nope"], "evaluate.sets names 'nope', which is not one of its `datasets:` (pydoc, stdlib); define it there"),
+    (["stdlib"], "evaluate.sets names 'stdlib', the chain's own data (always evaluated); drop it from the list"),
+])
+def test_an_evaluation_set_must_be_another_dataset_of_the_config(demo, sets, message):
+    config = copy.deepcopy(DEMO)
+    config["recipes"]["lora16"]["evaluate"] = {"sets": sets}
+    with pytest.raises(ValueError, match=re.escape(f"the top level of the config: recipes.lora16.{message}")):
+        families.load(config, str(REPO))
 
 
 def test_a_recipe_owns_only_the_stages_it_changes(demo):

@@ -1,11 +1,14 @@
 """Evaluate one model directory: held-out perplexity, lm-eval tasks, generation scores, speed, size.
 
-    python -m steps.evaluate --model DIR --data DIR --out FILE.json --settings JSON
+    python -m steps.evaluate --model DIR --data DIR [--sets "DIR ..."] --out FILE.json --settings JSON
 
 Metrics (`metrics` in the JSON):
 - `perplexity`: sliding-window perplexity over the test split's token stream, `batch_size` windows per
   forward (perplexity.py; the last window is aligned to the end of the stream). Prompt tokens of
   instruction data (label -100) are not scored. `scored_tokens`, `tokens_per_s` (of that pass).
+- `sets`: the same perplexity on the test split of each evaluation set, by name: `dataset` (the chain's
+  own data, named by its folder `data/<dataset>/<tokenizer>`) first, then `settings.sets` in order, read
+  from the `--sets` directories (text the chain never trains on: what compression lost in general).
 - `tasks`: lm-evaluation-harness tasks (harness.py) with acc / acc_norm, few-shot count, batch size.
 - `generation`: Rouge-L, or exact match / F1 over `a_b_c` triples, of text decoded from test prompts
   (generation.py, scores.py), with a few examples.
@@ -39,6 +42,7 @@ from steps.evaluate.perplexity import perplexity, sliding_windows
 from steps.evaluate.speed import SpeedSettings
 
 log = logging.getLogger("steps")
+SET_KEYS = ("perplexity", "scored_tokens", "transformers_perplexity")  # what `sets` keeps of each set's pass
 
 __all__ = ["EvaluateSettings", "GenerationSettings", "SpeedSettings", "perplexity", "run", "sliding_windows"]
 
@@ -53,6 +57,7 @@ class EvaluateSettings:
     num_fewshot: int = 0
     task_limit: int = 0  # examples per task; 0 = all
     task_paths: list[str] = field(default_factory=list)  # extra folders of lm-eval task YAMLs
+    sets: list[str] = field(default_factory=list)  # datasets of the config measured besides the chain's own (test splits)
     generation: dict = field(default_factory=dict)  # GenerationSettings
     speed: dict = field(default_factory=dict)  # SpeedSettings
 
@@ -71,30 +76,35 @@ def check_settings(settings: EvaluateSettings) -> tuple[GenerationSettings, Spee
     return gen, settings_from(SpeedSettings, settings.speed)
 
 
-def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings) -> dict:
+def run(model_dir: str, data_dir: str, out: str, settings: EvaluateSettings, set_dirs: list[str] = ()) -> dict:
     gen_settings, speed_settings = check_settings(settings)
+    if len(set_dirs) != len(settings.sets):
+        raise StageError(
+            f"evaluate.sets names {len(settings.sets)} set(s) {settings.sets} but --sets gives {len(set_dirs)} "
+            "prepared directories; pass one directory per name, in the same order"
+        )
     manager = None
     if settings.tasks:
         from steps.evaluate import harness
 
         manager = harness.task_manager(settings.tasks, settings.task_paths)
-    from steps.prepared import load_split  # datasets and transformers only once the settings are known good
     from steps.models import ADAPTER_DIR, load_model, load_tokenizer, pick_device, unmerged_adapter
 
     device = pick_device()
     model = load_model(model_dir, device_map={"": device}).eval()
     speed.check_settings(speed_settings, getattr(model.config, "max_position_embeddings", None))
     tokenizer = load_tokenizer(model_dir)
-    test = load_split(data_dir, "test")[:]  # all blocks as (n, block_size) tensors
-    input_ids, labels = test["input_ids"].reshape(-1), test["labels"].reshape(-1)
-    cap = settings.max_tokens or len(input_ids)  # caps the perplexity pass; prompts come from the whole split
-
-    metrics = perplexity(model, input_ids[:cap], labels[:cap], settings.context, settings.stride, settings.batch_size)
-    metrics["perplexity"] = round(metrics["perplexity"], 4)
-    log.info("perplexity %.4f over %d tokens, %.0f tokens/s", metrics["perplexity"], metrics["scored_tokens"], metrics["tokens_per_s"])
     gguf_file = gguf_model_file(model_dir)
+    input_ids, labels = test_tokens(data_dir)  # generation and speed prompts come from the whole split
+    dataset = Path(data_dir).parent.name
+    metrics = set_perplexity(model, gguf_file, input_ids, labels, settings, dataset)
+    metrics["dataset"] = dataset
+    metrics["sets"] = {dataset: {k: metrics[k] for k in SET_KEYS if k in metrics}}
+    for name, directory in zip(settings.sets, set_dirs):
+        scores = set_perplexity(model, gguf_file, *test_tokens(directory), settings, name)
+        metrics["sets"][name] = {k: scores[k] for k in SET_KEYS if k in scores}
     if gguf_file is not None:
-        metrics = in_llamacpp(gguf_file, metrics, input_ids[:cap], labels[:cap], settings)
+        metrics["read_by"] = read_by()
     if manager is not None:
         metrics["tasks"] = harness.run_tasks(
             model, tokenizer, manager, settings.tasks, settings.task_paths, settings.num_fewshot,
@@ -127,17 +137,37 @@ def gguf_model_file(model_dir: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def in_llamacpp(gguf_file: Path, read_by_transformers: dict, input_ids, labels, settings: EvaluateSettings) -> dict:
-    """The perplexity metrics of `gguf_file` as llama.cpp computes them, with transformers' beside them."""
-    metrics = runtime.gguf_perplexity(gguf_file, input_ids, labels, settings.context, settings.stride, torch.get_num_threads())
+def test_tokens(data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of a prepared data directory as one stream of token ids and labels."""
+    from steps.prepared import load_split  # datasets only once the settings are known good
+
+    test = load_split(data_dir, "test")[:]  # all blocks as (n, block_size) tensors
+    return test["input_ids"].reshape(-1), test["labels"].reshape(-1)
+
+
+def set_perplexity(model, gguf_file: Path | None, input_ids, labels, settings: EvaluateSettings, name: str) -> dict:
+    """Perplexity over the first `max_tokens` of one set's stream: transformers', and llama.cpp's for a GGUF."""
+    cap = settings.max_tokens or len(input_ids)
+    metrics = perplexity(model, input_ids[:cap], labels[:cap], settings.context, settings.stride, settings.batch_size)
     metrics["perplexity"] = round(metrics["perplexity"], 4)
-    theirs = read_by_transformers["perplexity"]
-    log.info("llama.cpp: perplexity %.4f (transformers reading the same file: %.4f, %+.2f%%)", metrics["perplexity"],
-             theirs, 100 * (theirs / metrics["perplexity"] - 1))
+    log.info("%s: perplexity %.4f over %d tokens, %.0f tokens/s", name, metrics["perplexity"], metrics["scored_tokens"],
+             metrics["tokens_per_s"])
+    if gguf_file is None:
+        return metrics
+    theirs = metrics["perplexity"]
+    metrics = runtime.gguf_perplexity(gguf_file, input_ids[:cap], labels[:cap], settings.context, settings.stride,
+                                      torch.get_num_threads())
+    metrics["perplexity"] = round(metrics["perplexity"], 4)
+    log.info("%s, llama.cpp: perplexity %.4f (transformers reading the same file: %.4f, %+.2f%%)", name,
+             metrics["perplexity"], theirs, 100 * (theirs / metrics["perplexity"] - 1))
     metrics["transformers_perplexity"] = theirs
-    metrics["read_by"] = {
+    return metrics
+
+
+def read_by() -> dict:
+    """Which reader each number of a GGUF model's evaluation came from."""
+    return {
         "llama_cpp": llamacpp.version(),
         "perplexity": "llama.cpp", "speed": "llama.cpp (llama-bench)",
         "tasks": "transformers (weights dequantized from the file)", "generation": "transformers (weights dequantized from the file)",
     }
-    return metrics

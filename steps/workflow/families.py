@@ -160,6 +160,7 @@ def family_registry(families):
                 f"{describe(family)}: its data.dataset {settings['data']['dataset']!r} is not one of its `datasets:` "
                 f"({', '.join(sorted(settings['datasets']))}); define it there"
             )
+        check_sets(family, settings)
         for alias in settings["models"]:
             if alias in alias_family:
                 raise ValueError(
@@ -175,6 +176,21 @@ def family_registry(families):
                     f"data/{name}/raw holds one: rename one of them"
                 )
     return alias_family, dataset_family
+
+
+def check_sets(family, settings):
+    """Every `evaluate.sets` name (of the family and of each recipe) is one of its datasets, and not its own."""
+    own, datasets = settings["data"]["dataset"], settings["datasets"]
+    for where, evaluate in [("evaluate", settings["evaluate"])] + [
+        (f"recipes.{recipe}.evaluate", overrides.get("evaluate", {})) for recipe, overrides in settings["recipes"].items()
+    ]:
+        for name in evaluate.get("sets", []):
+            if name == own:
+                raise ValueError(f"{describe(family)}: {where}.sets names {own!r}, the chain's own data (always evaluated); "
+                                 "drop it from the list")
+            if name not in datasets:
+                raise ValueError(f"{describe(family)}: {where}.sets names {name!r}, which is not one of its `datasets:` "
+                                 f"({', '.join(sorted(datasets))}); define it there")
 
 
 def load(config, basedir, configfiles=()):

@@ -108,8 +108,21 @@ def eval_model(wildcards):
     return chain_dir(wildcards.recipe, wildcards.teacher, wildcards.student, wildcards.stage)
 
 
+def eval_sets(wildcards):
+    """The recipe's `evaluate.sets` prepared in the tokens of the chain's data (`data/<set>/<tokens>`)."""
+    if "data" in wildcards.keys():  # a base model's evaluation names the tokens it reads
+        tokens = wildcards.data
+    else:
+        tokens = chain_data(wildcards).rpartition("/")[2]
+    return [f"data/{name}/{tokens}" for name in section(job_family(wildcards), wildcards.recipe, "evaluate").get("sets", [])]
+
+
 def base_eval_inputs(wildcards):
-    return {"model": base_dir(wildcards.alias), "data": f"data/{dataset_of(wildcards.alias)}/{wildcards.data}"}
+    return {
+        "model": base_dir(wildcards.alias),
+        "data": f"data/{dataset_of(wildcards.alias)}/{wildcards.data}",
+        "sets": eval_sets(wildcards),
+    }
 
 
 def report_inputs(wildcards):
