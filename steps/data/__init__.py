@@ -15,7 +15,15 @@ directory by `fetch` (fetch.py):
   `datasets.load_dataset`; offline (HF_HUB_OFFLINE=1) it falls back to a
   snapshot in the HF cache, as left by `hf download --repo-type dataset ID`;
 - `url:` an HTTP(S) file with its `sha256:` (required), streamed to a
-  temporary file, verified, then parsed by its suffix (or `format:`).
+  temporary file, verified, then parsed by its suffix (or `format:`);
+- `debian:` Debian packages (NAME, NAME=VERSION, or the path of a local .deb,
+  e.g. from a mirror) fetched with `apt-get download`, unpacked with `dpkg-deb -x`;
+- `pypi:` a PyPI sdist (a pip requirement, `brotli==1.2.1`) from `pip download`.
+  Both read the `include:` globs (less `exclude:`; `*` stays in a folder, `**`
+  spans folders; a glob matching nothing is an error) as HTML, POD or plain
+  text, keep paragraphs of prose (no code, navigation, short or numeric ones),
+  drop repeats across the corpus, and record each package's version, sha256
+  and licence in the manifest (packages.py). Columns `text` and `source`.
 
 `prepare` (prepare.py) turns each record into text (a `text_field`, or a prompt
 template over fields for instruction data, whose prompt tokens get label -100 so

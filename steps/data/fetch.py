@@ -59,7 +59,7 @@ BUILTIN = {"pydoc_topics": builtin_pydoc_topics, "python_stdlib": builtin_python
 
 def describe(spec: dict) -> str:
     """The source of a dataset spec, as a user would recognise it in an error."""
-    for key in ("builtin", "path", "hub", "url"):
+    for key in ("builtin", "path", "hub", "url", "debian", "pypi"):
         if key in spec:
             return f"{key} {spec[key]}"
     return json.dumps(spec, sort_keys=True)
@@ -182,6 +182,7 @@ def fetch(spec: dict, out: str) -> None:
 
     started = time.time()
     source = {k: v for k, v in spec.items() if k not in FORMAT_FIELDS}
+    extra = {}  # what the manifest records besides the counts: the packages' versions, checksums, licences
     with atomic_dir(out) as tmp:
         scratch = tmp / ".scratch"  # downloads and parse caches; the saved copy replaces them
         if "builtin" in spec:
@@ -192,13 +193,17 @@ def fetch(spec: dict, out: str) -> None:
             data = load_hub(spec)
         elif "url" in spec:
             data = load_url(spec, scratch)
+        elif "debian" in spec or "pypi" in spec:
+            from steps.data.packages import load_packages  # imports paragraph_chunks from here
+
+            data, extra["packages"] = load_packages(spec, scratch)
         else:
-            raise StageError(f"dataset spec {spec} names no source; give one of builtin:, path:, hub:, url:")
+            raise StageError(f"dataset spec {spec} names no source; give one of builtin:, path:, hub:, url:, debian:, pypi:")
         if len(data) == 0:
             raise StageError(f"dataset {describe(spec)} is empty; check the source and its split")
         data.save_to_disk(str(tmp))
         shutil.rmtree(scratch, ignore_errors=True)
-        write_manifest(tmp, "data", source, {}, started, records=len(data), columns=data.column_names)
+        write_manifest(tmp, "data", source, {}, started, records=len(data), columns=data.column_names, **extra)
     log.info("fetched %d records (%s) to %s", len(data), ", ".join(data.column_names), out)
 
 

@@ -210,9 +210,9 @@ def fetched_dataset(wildcards):
 
 
 def local_source(wildcards):
-    """A `path:` dataset is an input, so editing the local file fetches it again."""
+    """A `path:` dataset, and the local .deb files of a `debian:` one, are inputs: editing one fetches again."""
     spec = fetched_dataset(wildcards)
-    return [spec["path"]] if "path" in spec else []
+    return [spec["path"]] if "path" in spec else [name for name in spec.get("debian", []) if name.endswith(".deb")]
 
 
 def dataset_spec(wildcards):
