@@ -171,10 +171,11 @@ def test_fetch_a_local_deb_records_text_source_and_provenance(tmp_path):
     fetch({"debian": [str(deb)], "include": ["usr/share/doc/tinydoc/html/*.html", "usr/share/tinydoc/**/*.pod"]},
           str(out))
     data = datasets.load_from_disk(str(out))
-    assert data.column_names == ["text", "source"]
+    assert data.column_names == ["text", "source", "file"]
     assert data["text"] == ["The guide explains everything in plain English sentences.\n\n" + PROSE,
                             "A manual page written in POD, with bold words in it."]
     assert set(data["source"]) == {"tinydoc"}
+    assert data["file"][0].startswith("usr/share/doc/tinydoc/html/") and data["file"][1].endswith(".pod")
     (package,) = read_manifest(out)["packages"]
     assert package["name"] == "tinydoc" and package["version"] == "1.2-3" and package["files"] == 3
     assert package["licence"] == ["GPL-2+", "GPL-2+ or CC-BY-SA-3.0"]

