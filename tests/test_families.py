@@ -26,11 +26,13 @@ def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     assert sorted(outputs(planned, "quantize_baseline")) == [
         f"models/default/smollm2_smollm2/baseline/{quant}" for quant in ("gguf-q4", "gguf-q4km-im", "gguf-q8")]
     shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}  # not the family's own rule
-    assert '"block_size": 256' in shell["data/pydoc/smollm2"]  # the demo's is 128
+    assert '"block_size": 256' in shell["data/debian-docs/smollm2"]  # the demo's is 128
+    # every model is evaluated on the held-out literature too, prepared in SmolLM2's tokens
+    assert "--sets 'data/canterbury/smollm2'" in shell["evals/default/smollm2_smollm2/recovered.json"]
     distill = shell["models/default/smollm2_smollm2/distilled"]
     assert '"lr": 2e-05' in distill and '"steps": 30' in distill and "weight_decay" not in distill
     assert "mem_mb=8000" in next(job for job in planned if job["rule"] == "distill")["resources"]  # the demo's: 4000
-    assert outputs(planned, "fetch_data") == ["data/pydoc/raw"]  # the demo defines the same source: one fetch
+    assert outputs(planned, "fetch_data") == ["data/canterbury/raw", "data/debian-docs/raw"]
 
 
 def test_a_family_given_inline_in_a_configfile_plans_with_its_settings_alone(tmp_path):
