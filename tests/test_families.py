@@ -35,6 +35,21 @@ def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     assert outputs(planned, "fetch_data") == ["data/canterbury/raw", "data/debian-docs/raw"]
 
 
+def test_the_readmes_own_corpus_example_trains_the_smollm2_chain_on_it_and_keeps_the_held_out_sets(tmp_path):
+    workdir = copy_workflow(tmp_path / "run")
+    (workdir / GGUF).parent.mkdir(parents=True)
+    (workdir / GGUF).touch()
+    (workdir / "corpus").mkdir()
+    (workdir / "corpus" / "a.txt").write_text("My own text.\n")
+    (workdir / "mine.yaml").write_text(
+        "families:\n  smollm2:\n    datasets:\n      mine: {path: corpus}\n    data: {dataset: mine}\n")
+    planned = jobs(snakemake(workdir, "results/smollm2_smollm2_gguf-q4.eval", "--configfile=mine.yaml"))
+    shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}
+    assert "--data data/mine/smollm2" in shell["models/default/smollm2_smollm2/distilled"]
+    assert "--data data/mine/smollm2 --sets 'data/canterbury/smollm2'" in shell["evals/default/smollm2_smollm2/recovered.json"]
+    assert sorted(outputs(planned, "fetch_data")) == ["data/canterbury/raw", "data/mine/raw"]
+
+
 def test_a_family_given_inline_in_a_configfile_plans_with_its_settings_alone(tmp_path):
     workdir = copy_workflow(tmp_path / "run")
     (workdir / "mine.yaml").write_text(
