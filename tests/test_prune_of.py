@@ -63,8 +63,8 @@ def test_a_chain_distils_into_the_pruned_teacher(workdir):
     """One prune_model job reads the teacher's base model and the chain's data in the teacher's tokens; the
     pruned alias gets no tokenizer and no data of its own, and the chain's student is the pruned directory."""
     result = snakemake(workdir, "-n", "-p", "results/teacher_teacher-p_int8.eval")
-    assert planned_jobs(result) == {
-        "fetch_data": 1, "train_tokenizer": 1, "prepare_data": 1, "base_model": 1, "prune_model": 1,
+    assert planned_jobs(result) == {  # two datasets: the chain's, and tiny.yaml's evaluation set
+        "fetch_data": 2, "train_tokenizer": 1, "prepare_data": 2, "base_model": 1, "prune_model": 1,
         "teacher_logits": 1, "distill": 1, "prune": 1, "recover": 1, "quantize": 1, "evaluate": 4, "evaluate_base": 2,
         "report": 1,
     }
@@ -74,7 +74,8 @@ def test_a_chain_distils_into_the_pruned_teacher(workdir):
     assert settings_of(pruning) == PRUNE  # the alias's own entry, not the chain's `prune:` (ratios 0.75, round_to 8)
     assert pruning["log"] == "logs/prune_model/teacher-p.log"
     assert by_rule["base_model"]["output"] == "models/base/teacher"
-    assert by_rule["prepare_data"]["output"] == "data/pydoc/teacher"
+    prepared = sorted(job["output"] for job in jobs(result) if job["rule"] == "prepare_data")
+    assert prepared == ["data/pydoc/teacher", "data/stdlib/teacher"]  # in the teacher's tokens; none for teacher-p
     assert by_rule["distill"]["input"] == ("models/base/teacher, models/base/teacher-p, data/pydoc/teacher, "
                                            "cache/logits/teacher/pydoc/top64-float16")
     assert settings_of(by_rule["prune"])["ratios"] == {"intermediate_size": 0.75}  # the chain's stage: its section
