@@ -37,7 +37,7 @@ def measure(model: str, data: str, spec: dict, evaluation: EvaluateSettings, tmp
     quant_s = round(time.perf_counter() - started, 1)
     metrics = evaluate(out, data, f"{out}.json", evaluation, set_dirs)["metrics"]
     keys = ("perplexity", "transformers_perplexity", "size_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
-    sets = {f"{name}_perplexity": metrics["sets"][name]["perplexity"] for name in evaluation.sets}
+    sets = {f"{each}_perplexity": metrics["sets"][each]["perplexity"] for each in evaluation.sets}
     return {**{k: metrics[k] for k in keys}, **sets, "quant_s": quant_s}
 
 

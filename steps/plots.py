@@ -79,8 +79,10 @@ def plot_chain(chain: list[dict], out: str | Path) -> None:
         raise StageError(f"{out}: the chain has no stages to plot; pass a `.eval` file's `chain`")
     stages = [row["stage"] for row in chain]
     positions = range(len(stages))
-    sets = list(dict.fromkeys(k for row in chain for k in row if k.endswith("/perplexity")))
-    series = [("own test data", "perplexity"), *((k.removesuffix("/perplexity"), k) for k in sets)]
+    from steps.compare import SET_PERPLEXITY, set_columns  # compare imports this module only inside a function
+
+    sets = list(dict.fromkeys(k for row in chain for k in set_columns(row)))
+    series = [("own test data", "perplexity"), *((k.removesuffix(SET_PERPLEXITY), k) for k in sets)]
     width = 0.7 / len(series)
     with plt.rc_context(STYLE):
         fig, (ppl_ax, size_ax) = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
