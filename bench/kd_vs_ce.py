@@ -3,8 +3,8 @@
     python -m bench.kd_vs_ce [--steps 250] [--eval-tokens 16384]
     python -m bench.kd_vs_ce --config config/smollm2.yaml --steps 20 --batch-size 4 --eval-tokens 8192
 
-Side by side in one run (demo: `make demo` first; SmolLM2: the pruned-teacher chain's base models,
-models/base/smollm2 as the teacher and models/base/smollm2-p, SmolLM2 with a third of every MLP pruned,
+Side by side in one run (demo: `make demo` first; SmolLM2: the half-size chain's base models,
+models/base/smollm2 as the teacher and models/base/smollm2-half, SmolLM2 pruned to 12 of its 30 layers,
 as the student, with that recipe's distill settings): the same untrained student is trained for the
 same steps, batches (steps.training.batch_at, seed 0) and learning rate with
 
@@ -46,8 +46,8 @@ from steps.evaluate import EvaluateSettings, run as evaluate
 from steps.logit_cache import CacheSettings, build as build_cache
 
 # (teacher, student, recipe) per config; a config not named here benchmarks its first target's pair.
-# SmolLM2's first target distils SmolLM2 into itself; the pruned-teacher chain is a real KD problem.
-FAMILIES = {"smollm2": ("smollm2", "smollm2-p", "pruned-teacher")}
+# SmolLM2's first target distils SmolLM2 into itself; the half-size chain is a real KD problem.
+FAMILIES = {"smollm2": ("smollm2", "smollm2-half", "half")}
 ROWS = ("ce", "forward_kl", "reverse_kl", "jsd", "fkl_cache", "fkl_onpol", "fkl_hidden")
 
 

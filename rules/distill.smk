@@ -12,16 +12,22 @@ rule teacher_logits:
         teacher=lambda wildcards: base_dir(wildcards.teacher),
         data=lambda wildcards: data_dir(wildcards.teacher),
     output:
-        directory("cache/logits/{teacher}/{dataset}/top{k}-{dtype}"),
+        directory("cache/logits/{teacher}/{dataset}/top{k}-{dtype}{blocks}"),
+    wildcard_constraints:
+        k=r"\d+",
+        dtype=r"float16|bfloat16",
+        blocks=r"(-\d+b)?",  # paths.logit_cache_dir: "-Nb" when the cache holds only the first N train blocks
     params:
-        settings=lambda wildcards: as_json({"top_k": int(wildcards.k), "dtype": wildcards.dtype}),
+        settings=lambda wildcards: as_json(
+            {"top_k": int(wildcards.k), "dtype": wildcards.dtype, "blocks": int(wildcards.blocks[1:-1] or 0)}
+        ),
         code=code_fingerprint("logit_cache"),
         launch=launcher("teacher_logits"),
     threads: rule_threads("teacher_logits")
     resources:
         **rule_resources("teacher_logits"),
     log:
-        "logs/teacher_logits/{teacher}/{dataset}/top{k}-{dtype}.log",
+        "logs/teacher_logits/{teacher}/{dataset}/top{k}-{dtype}{blocks}.log",
     shell:
         "{params.launch} steps.logit_cache --threads {threads} --teacher {input.teacher} --data {input.data}"
         " --settings {params.settings:q} --out {output} > {log} 2>&1"

@@ -14,7 +14,9 @@ as plain .npy files read memory-mapped (no pickles), so a batch reads only its
 rows. The rest mass keeps the KD loss a proper divergence over k+1 buckets
 (steps/losses.py top_k_kd_loss); with k = the vocabulary it equals live KD.
 The manifest records k, the dtype, the vocabulary and a digest of the train
-tokens, so a cache is never read against other data. Bytes per token:
+tokens, so a cache is never read against other data. `blocks: N` caches only
+the first N train blocks (a random sample: the split is shuffled), and the
+student then trains on those: a CPU budget pays for the tokens it reads. Bytes per token:
 k * (2 + id bytes) + 4, e.g. 260 for k = 64 (0.13% of a 49k-vocabulary fp32 row).
 """
 
@@ -48,6 +50,16 @@ BATCH_BLOCKS = 8  # teacher forward batch while building; the content does not d
 class CacheSettings:
     top_k: int = 0  # teacher log-probs kept per position; 0 = no cache, distill runs the teacher live
     dtype: Dtype = "float16"  # storage of the log-probs
+    blocks: int = 0  # cache the first N train blocks (0 = all); distillation then draws from those only
+
+
+def cached_blocks(blocks, settings: CacheSettings):
+    """The train blocks a cache with these settings covers: the first `blocks` (the split is already in a seeded
+    random order, so they are a sample of the corpus), or all. A CPU run that reads 1M tokens of a 20M-token
+    corpus pays the teacher forward on 1M, not 20M (disk: `bytes_per_token` of the manifest per token)."""
+    if settings.blocks and settings.blocks < len(blocks):
+        return blocks.select(range(settings.blocks))
+    return blocks
 
 
 def check_settings(settings: CacheSettings) -> None:
@@ -55,6 +67,8 @@ def check_settings(settings: CacheSettings) -> None:
         raise StageError(f"distill.logit_cache.top_k is {settings.top_k}; use 0 (no cache) or a positive count like 64")
     if settings.dtype not in DTYPES:
         raise StageError(f"distill.logit_cache.dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
+    if settings.blocks < 0:
+        raise StageError(f"distill.logit_cache.blocks is {settings.blocks}; use 0 (the whole train split) or a count of train blocks")
 
 
 def tokens_digest(blocks) -> str:
@@ -78,7 +92,7 @@ def build(teacher_dir: str, data_dir: str, out: str, settings: CacheSettings) ->
     vocab = len(load_tokenizer(teacher_dir))
     if settings.top_k > vocab:
         raise StageError(f"distill.logit_cache.top_k {settings.top_k} exceeds the teacher's vocabulary ({vocab} tokens); use at most {vocab}")
-    blocks = load_split(data_dir, "train")
+    blocks = cached_blocks(load_split(data_dir, "train"), settings)
     n_blocks = len(blocks)
     if n_blocks == 0:
         raise StageError(f"the train split of {data_dir} is empty: nothing to cache; prepare more data")
@@ -135,6 +149,9 @@ class LogitCache:
         wanted = (settings.top_k, settings.dtype)
         if wanted != (self.top_k, self.dtype):
             raise StageError(f"logit cache {self.path} holds top_k {self.top_k} {self.dtype}, settings ask for top_k {wanted[0]} {wanted[1]}; {fix}")
+        if self.manifest["settings"].get("blocks", 0) != settings.blocks:
+            raise StageError(f"logit cache {self.path} covers blocks: {self.manifest['settings'].get('blocks', 0)}, "
+                             f"settings ask for blocks: {settings.blocks}; {fix}")
         if self.manifest["vocab"] != vocab:
             raise StageError(f"logit cache {self.path} has a {self.manifest['vocab']}-token vocabulary, the student {vocab}; {fix}")
         if self.manifest["tokens_digest"] != tokens_digest(blocks):

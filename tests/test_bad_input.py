@@ -10,7 +10,7 @@ Case -> where it is tested -> the line the user sees (`...` elides paths and the
 
 Planning (snakemake -n):
 - unknown alias / recipe / quant method -> test_rules.py::test_unknown_names_fail_at_planning_time_in_one_line:
-  `ValueError: unknown model alias 'llama'; known: 1b, llama13b, llama7b, llama7b-d, smollm2, smollm2-p, student, teacher (add it under `models:` in the config)`,
+  `ValueError: unknown model alias 'llama'; known: 1b, llama13b, llama7b, llama7b-d, smollm2, smollm2-07, smollm2-half, student, teacher (add it under `models:` in the config)`,
   `ValueError: unknown recipe 'nope'; known: lora16 (add it under `recipes:` in the config)`,
   `ValueError: unknown quant method 'int9'; known: bf16, ... (see `quantize.methods`)`
 - misspelt key, wrong type, bad enum -> here (test_config.py also checks the schema itself, without Snakemake):

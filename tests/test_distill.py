@@ -186,6 +186,24 @@ def test_distilling_from_the_cache_never_loads_the_teacher(full_cache, tokenizer
     assert manifest["inputs"]["logits"]["path"] == str(full_cache)
 
 
+def test_a_cache_of_the_first_blocks_is_what_the_student_trains_on(teacher_dir, model_dir, data_dir, tmp_path, monkeypatch):
+    from steps import distill
+    from steps.logit_cache import CacheSettings, build
+
+    cache = tmp_path / "first6"
+    build(str(teacher_dir), str(data_dir), str(cache), CacheSettings(top_k=64, blocks=6))
+    seen = {}
+
+    def train(student, blocks, *args):
+        seen["blocks"] = len(blocks)
+        return []
+
+    monkeypatch.setattr(distill, "train", train)  # the loop is tested apart; here: which blocks it is handed
+    settings = DistillSettings(logit_cache={"top_k": 64, "blocks": 6}, train={**TRAIN, "steps": 1})
+    run(str(teacher_dir), str(model_dir), str(data_dir), str(tmp_path / "out"), settings, logits=str(cache))
+    assert seen["blocks"] == 6
+
+
 @pytest.mark.parametrize("settings, logits, message", [
     (DistillSettings(logit_cache={"top_k": 64}), None, r"logit_cache.top_k is 64 but no cache was given \(--logits DIR\)"),
     (DistillSettings(logit_cache={"top_k": 64}, hidden={"weight": 1.0}), "x",

@@ -19,12 +19,15 @@ def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     (workdir / GGUF).parent.mkdir(parents=True)
     (workdir / GGUF).touch()  # `make smollm2` fetches it; a plan only needs it to exist
     planned = jobs(snakemake(workdir, "smollm2"))
-    assert [out for out in outputs(planned, "report") if out.endswith(".eval")] == sorted(
+    reports = outputs(planned, "report") + outputs(planned, "report_recipe")
+    assert sorted(out for out in reports if out.endswith(".eval")) == sorted(
         ["results/smollm2_smollm2_gguf-q8.eval", "results/smollm2_smollm2_gguf-q4km-im.eval",
-         "results/smollm2_smollm2_gguf-q4.eval", "results/smollm2_smollm2_int8.eval", "results/smollm2_smollm2_nf4.eval"])
+         "results/smollm2_smollm2_gguf-q4.eval", "results/smollm2_smollm2_int8.eval", "results/smollm2_smollm2_nf4.eval",
+         "results/half/smollm2_smollm2-half_gguf-q4km-im.eval", "results/half/smollm2_smollm2-07_gguf-q4km-im.eval"])
     # each GGUF chain beside the teacher quantized alone by the same method
     assert sorted(outputs(planned, "quantize_baseline")) == [
-        f"models/default/smollm2_smollm2/baseline/{quant}" for quant in ("gguf-q4", "gguf-q4km-im", "gguf-q8")]
+        *(f"models/default/smollm2_smollm2-{half}/baseline/gguf-q4km-im" for half in ("07", "half")),
+        *(f"models/default/smollm2_smollm2/baseline/{quant}" for quant in ("gguf-q4", "gguf-q4km-im", "gguf-q8"))]
     shell = {job["output"][0]: job["shell"] for job in planned if job["output"]}  # not the family's own rule
     assert '"block_size": 256' in shell["data/debian-docs/smollm2"]  # the demo's is 128
     # every model is evaluated on the held-out literature too, prepared in SmolLM2's tokens
@@ -33,6 +36,11 @@ def test_the_smollm2_family_plans_with_its_own_settings(tmp_path):
     assert '"lr": 2e-05' in distill and '"steps": 30' in distill and "weight_decay" not in distill
     assert "mem_mb=8000" in next(job for job in planned if job["rule"] == "distill")["resources"]  # the demo's: 4000
     assert outputs(planned, "fetch_data") == ["data/canterbury/raw", "data/debian-docs/raw"]
+    # the half-size students: SmolLM2 pruned before distillation, distilled from the teacher's cached top-64
+    assert sorted(outputs(planned, "prune_model")) == ["models/base/smollm2-07", "models/base/smollm2-half"]
+    assert outputs(planned, "teacher_logits") == ["cache/logits/smollm2/debian-docs/top64-float16-576b"]
+    half = shell["models/half/smollm2_smollm2-half/distilled"]
+    assert "--logits cache/logits/smollm2/debian-docs/top64-float16-576b" in half and '"kd_weight": 1.0' in half
 
 
 def test_the_readmes_own_corpus_example_trains_the_smollm2_chain_on_it_and_keeps_the_held_out_sets(tmp_path):

@@ -117,10 +117,25 @@ def test_a_cache_is_refused_for_other_data_another_k_or_vocabulary(top64_cache, 
         LogitCache(data_dir)
 
 
+def test_a_cache_of_the_first_blocks_covers_those_only_and_is_refused_for_another_count(teacher_dir, data_dir, tmp_path, top64_cache):
+    out = tmp_path / "first5"
+    manifest = build(str(teacher_dir), str(data_dir), str(out), CacheSettings(top_k=64, blocks=5))
+    blocks = load_split(data_dir, "train")
+    assert manifest["blocks"] == 5 and np.load(out / "top_ids.npy", mmap_mode="r").shape[0] == 5
+    first = LogitCache(out)
+    top_logp, top_ids, _ = first.rows(torch.arange(5))
+    whole_logp, whole_ids, _ = LogitCache(top64_cache).rows(torch.arange(5))
+    assert torch.equal(top_ids, whole_ids) and torch.equal(top_logp, whole_logp)  # the same rows as the whole cache's
+    first.check(blocks.select(range(5)).flatten_indices(), VOCAB, CacheSettings(top_k=64, blocks=5))
+    with pytest.raises(SystemExit, match=r"covers blocks: 5, settings ask for blocks: 0; rebuild it"):
+        first.check(blocks.select(range(5)).flatten_indices(), VOCAB, CacheSettings(top_k=64))
+
+
 @pytest.mark.parametrize("settings, message", [
     (CacheSettings(top_k=401), r"top_k 401 exceeds the teacher's vocabulary \(400 tokens\); use at most 400"),
     (CacheSettings(top_k=0), r"top_k is 0, which means no cache"),
     (CacheSettings(top_k=8, dtype="int8"), r"dtype 'int8' is not one of \['bfloat16', 'float16'\]"),
+    (CacheSettings(top_k=8, blocks=-1), r"blocks is -1; use 0 \(the whole train split\) or a count"),
 ])
 def test_bad_settings_fail_in_one_line_and_leave_no_cache(teacher_dir, data_dir, tmp_path, settings, message):
     with pytest.raises(SystemExit, match=message):

@@ -124,7 +124,7 @@ def test_pruning_a_teacher_gets_the_prune_rules_resources_unless_it_has_its_own(
 
 @pytest.mark.parametrize("models,message", [
     ({"ghost-p": {"prune_of": "ghost", "prune": PRUNE}},
-     "unknown model alias 'ghost'; known: 1b, chain, chain-p, ghost-p, llama13b, llama7b, llama7b-d, smollm2, smollm2-p, student, teacher, teacher-p, teacher-pp"
+     "unknown model alias 'ghost'; known: 1b, chain, chain-p, ghost-p, llama13b, llama7b, llama7b-d, smollm2, smollm2-07, smollm2-half, student, teacher, teacher-p, teacher-pp"
      " (add it under `models:` in the config)"),
     ({"ghost-p": {"prune_of": "loop-p", "prune": PRUNE}, "loop-p": {"prune_of": "ghost-p", "prune": PRUNE}},
      "model alias 'ghost-p' is pruned from itself: ghost-p -> loop-p -> ghost-p (fix its `prune_of:`)"),

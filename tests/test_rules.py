@@ -177,7 +177,7 @@ def test_a_stage_path_another_recipe_holds_is_refused_naming_it(workdir, tmp_pat
 
 @pytest.mark.parametrize("target,message", [
     ("results/llama_student_int8.eval",
-     "unknown model alias 'llama'; known: 1b, llama13b, llama7b, llama7b-d, smollm2, smollm2-p, student, teacher (add it under `models:` in the config)"),
+     "unknown model alias 'llama'; known: 1b, llama13b, llama7b, llama7b-d, smollm2, smollm2-07, smollm2-half, student, teacher (add it under `models:` in the config)"),
     ("results/nope/teacher_student_int8.eval",
      "unknown recipe 'nope'; known: lora16 (add it under `recipes:` in the config)"),
     ("results/teacher_student_int9.eval",

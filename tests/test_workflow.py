@@ -147,6 +147,10 @@ def test_a_student_setting_reuses_the_teacher_logit_cache_and_a_new_k_rebuilds_i
     k32.write_text("distill: {logit_cache: {top_k: 32}}\n")
     jobs = planned_jobs(snakemake(built, "-n", TARGET, extra_config=str(k32)))
     assert jobs["teacher_logits"] == 1 and jobs["distill"] == 1
+    first = tmp_path / "first.yaml"  # the tiny config's cache is top_k 64: the same k over fewer blocks is another cache
+    first.write_text("distill: {logit_cache: {blocks: 3}}\n")
+    result = snakemake(built, "-n", "-p", TARGET, extra_config=str(first))
+    assert planned_jobs(result)["teacher_logits"] == 1 and "top64-float16-3b" in result.stdout + result.stderr
 
 
 def test_editing_a_step_reruns_that_stage_and_downstream(built):

@@ -185,3 +185,21 @@ def test_the_malformed_target_rule_takes_exactly_what_the_grammar_refuses(name):
     grammatical = paths.TARGET.fullmatch(f"results/{name}.eval") is not None
     malformed = re.fullmatch(paths.MALFORMED_NAME, f"{name}.eval") is not None  # its lookahead sees `.eval$`
     assert grammatical != malformed
+
+
+def test_a_recipe_takes_its_own_resources_and_the_gpu_recipe_fits_one_80gb_gpu(demo):
+    """config/smollm2.yaml's `half-gpu`: 100x the CPU recipe's tokens on one GPU. Every training job of it is
+    planned on that GPU and fits its 80 GB (SmolLM2's shape from the config's `architecture:`, no file needed);
+    the CPU recipe `half` of the same pair asks for no GPU. The cache a recipe reads is built with its resources."""
+    gpu, cpu = (wildcards(teacher="smollm2", student="smollm2-half", recipe=r) for r in ("half-gpu", "half"))
+    for rule in ("distill", "recover"):
+        entry = resources.job_resources(gpu, rule)
+        assert (entry["gpu"], entry["gpu_mem_mb"]) == (1, 81920)
+        plan.memory_plan(rule, gpu, entry)  # raises where the estimate exceeds the GPU
+        assert 8 * 2**30 < plan.job_estimate(rule, gpu, entry).total < 81920 * 2**20
+        assert "gpu" not in resources.job_resources(cpu, rule)
+    with pytest.raises(ValueError, match=r"memory plan: distill smollm2_smollm2-half \(half-gpu\) needs about .* GiB per GPU"):
+        plan.memory_plan("distill", gpu, {**resources.job_resources(gpu, "distill"), "gpu_mem_mb": 8192})
+    cache = {"teacher": "smollm2", "dataset": "debian-docs", "k": "64", "dtype": "float16"}
+    assert resources.job_resources(wildcards(**cache, blocks="-57600b"), "teacher_logits")["gpu"] == 1
+    assert "gpu" not in resources.job_resources(wildcards(**cache, blocks="-576b"), "teacher_logits")

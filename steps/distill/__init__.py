@@ -37,7 +37,7 @@ from steps.prepared import load_split
 from steps.distill import hidden, onpolicy
 from steps.distill.hidden import HiddenSettings
 from steps.distill.onpolicy import OnPolicySettings
-from steps.logit_cache import CacheSettings, LogitCache
+from steps.logit_cache import CacheSettings, LogitCache, cached_blocks
 from steps.logit_cache import check_settings as check_cache_settings
 from steps.losses import KD_LOSSES, kd_loss, shifted_ce, shifted_nll, top_k_kd_loss
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
@@ -141,6 +141,7 @@ def run(teacher_dir: str, student_dir: str, data_dir: str, out: str, settings: D
         onpolicy.check(on, len(blocks[0]["input_ids"]))
     cache = None
     if cache_settings.top_k:
+        blocks = cached_blocks(blocks, cache_settings)  # the student trains on the blocks the cache holds
         cache = LogitCache(logits)
         cache.check(blocks, len(tokenizer), cache_settings)
 

@@ -90,11 +90,12 @@ def base_dir(alias):
 
 def logit_cache_dir(family, recipe, teacher):
     """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
-    teacher, dataset, k and dtype only: every student and recipe with those shares one cache."""
+    teacher, dataset, k, dtype and the blocks covered only: every student and recipe with those shares one cache."""
     cache = section(family, recipe, "distill").get("logit_cache", {})
     if not cache.get("top_k"):
         return None
-    return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}"
+    blocks = f"-{cache['blocks']}b" if cache.get("blocks") else ""
+    return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}{blocks}"
 
 
 # ---------------------------------------------------------------- sharing across recipes

@@ -2,14 +2,17 @@
 nodes), and its threads.
 
 A family's `resources:` gives each rule an entry over its `default`; `pairs:` gives a teacher_student pair its
-own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU).
+own entries over those (config/llama.yaml: the 13B -> 7B distill on 2 nodes x 8 GPUs, 7B -> 1.1B on one GPU);
+a recipe's `resources:` (the same table) go over both for that recipe's jobs (config/smollm2.yaml: `half-gpu`
+on one GPU), and for the teacher-logit cache its distillation reads.
 """
 
 from __future__ import annotations
 
 import os
 
-from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, job_family
+from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, job_family, recipe_overrides
+from steps.workflow.paths import logit_cache_dir
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
 RESOURCES_LIKE = {"prune_model": "prune", "teacher_logits": "distill", "quantize_baseline": "quantize"}
@@ -30,19 +33,32 @@ def pair_of(wildcards):
     return f"{wildcards.teacher}_{wildcards.student}" if "student" in wildcards.keys() else None
 
 
-def family_resources(family, rule, pair=None):
+def family_resources(family, rule, pair=None, recipe=DEFAULT_RECIPE):
     """A rule's entry in a family: its `default`, the entry of the rule it runs like, the rule's own, then the
-    same three of the pair's `pairs:` entry."""
+    same three of the pair's `pairs:` entry, then of the recipe's `resources:`."""
     table = FAMILIES[family]["resources"]
     merged = {}
-    for layer in (table, table.get("pairs", {}).get(pair, {})):
+    for layer in (table, table.get("pairs", {}).get(pair, {}), recipe_overrides(family, recipe).get("resources", {})):
         like = {k: v for k, v in layer.get(RESOURCES_LIKE.get(rule), {}).items() if k not in ACROSS_NODES}
         merged.update({**layer.get("default", {}), **like, **layer.get(rule, {})})
     return merged
 
 
+def cache_recipe(family, wildcards):
+    """The first recipe (by name) whose distillation reads the teacher-logit cache of these wildcards: its
+    resources build the cache (a cache has no recipe of its own: every recipe with its settings shares it)."""
+    path = f"cache/logits/{wildcards.teacher}/{wildcards.dataset}/top{wildcards.k}-{wildcards.dtype}{wildcards.blocks}"
+    readers = [r for r in (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"])) if logit_cache_dir(family, r, wildcards.teacher) == path]
+    return readers[0] if readers else DEFAULT_RECIPE
+
+
 def job_resources(wildcards, rule):
-    return family_resources(job_family(wildcards), rule, pair_of(wildcards))
+    family = job_family(wildcards)
+    if rule == "teacher_logits":
+        recipe = cache_recipe(family, wildcards)
+    else:
+        recipe = wildcards.recipe if "recipe" in wildcards.keys() else DEFAULT_RECIPE
+    return family_resources(family, rule, pair_of(wildcards), recipe)
 
 
 def launchers(entry):
@@ -69,7 +85,9 @@ def snakemake_resources(entry):
 def rule_resources(rule):
     """The `resources:` of a rule: one function of the job's wildcards per resource any family or pair gives it,
     reading the job's own. A job that leaves one out gives none (Snakemake's default), or for mem_mb its floor."""
-    entries = [family_resources(family, rule, pair) for family in FAMILIES for pair in (None, *FAMILIES[family]["resources"].get("pairs", {}))]
+    entries = [family_resources(family, rule, pair, recipe) for family in FAMILIES
+               for pair in (None, *FAMILIES[family]["resources"].get("pairs", {}))
+               for recipe in (DEFAULT_RECIPE, *FAMILIES[family]["recipes"])]
     names = {name for entry in entries for name in snakemake_resources(entry)}
 
     def resource(name):
