@@ -5,27 +5,30 @@
 
 The chain's pruned model (models/default/<teacher>_<student>/pruned of the config's first target)
 is recovered once per row by `python -m steps.recover` on the chain's data, then evaluated by
-`python -m steps.evaluate` on the test split:
+`python -m steps.evaluate` on the test split and on every evaluation set of the config (`evaluate.sets`: text
+the chain never trains on; lm-eval tasks only with --tasks):
 
     lora     the config's recover settings (rank, alpha, target modules), method lora
     qlora8   the same adapters on an 8-bit bitsandbytes base (LLM.int8), merged into the float base
     qlora4   the same on a 4-bit NF4 base
     freeze   full updates of the last --freeze-layers decoder layers (seed 001 trains the last 5)
+    full     every weight trains (embeddings, norms, every layer)
     prefix   P-tuning v2, --virtual-tokens key/value prefixes per layer
     lora_kd  lora with objective kd: the chain's teacher, live (no logit cache), with the config's
              distill loss, temperature, kd_weight and jsd_beta
+    full_kd  full with objective kd
 
 Every row trains the same steps, batch size, seed and blocks (the config's recover.train, with
 --steps / --batch-size); only the learning rate is per method (LR below: the demo's, swept, or
 the pretrained one for any other config; --lr overrides). The chain's unpruned
 (distilled) model and the pruned model are evaluated too, untrained, as reference rows.
 
-Each step runs as its own child process (OMP_NUM_THREADS=1: the machine is shared), started with
+Each step runs as its own child process (--threads, default 1: the machine is shared), started with
 subprocess.Popen and reaped with os.wait4, whose rusage is that child's alone: its ru_maxrss is the
 peak RSS of training (model, teacher, optimizer state, activations) or of evaluation (the recovered
 model, a prefix adapter applied on load). Train time is the training loop's own time, the sum of its
 per-step times from the metrics JSONL (loading and saving left out; the child's wall time is in the
-JSON). "won back" is (ppl_pruned - ppl_row) / (ppl_pruned - ppl_unpruned): 1 is all of the pruning
+JSON). "won back" (per text) is (ppl_pruned - ppl_row) / (ppl_pruned - ppl_unpruned): 1 is all of the pruning
 loss, above 1 beats the unpruned model (recovery also adapts to the data), below 0 makes it worse.
 Ratios are to lora (time, train memory, perplexity). `--root` is where models/ and data/ live.
 """
@@ -48,13 +51,16 @@ from steps.artifacts import StageError
 
 # Peak learning rate per method: adapters train few, freshly initialised parameters and want a large rate; freeze
 # updates pretrained weights in full precision and diverges sooner; prefixes start from random key/values and need
-# more still. qlora8, qlora4 and lora_kd take lora's. Demo (config/config.yaml): three rates tried per method once
+# more still. qlora8, qlora4 and lora_kd take lora's, full_kd full's. full: not swept; freeze's rate on the demo,
+# distillation's full-parameter rate (config/smollm2.yaml) on a pretrained model. Demo (config/config.yaml): three rates tried per method once
 # (lora 1e-3, 2e-3, 5e-3; freeze 1e-4, 3e-4, 1e-3; prefix 3e-3, 1e-2, 3e-2; 150 steps x 16 blocks), the best kept:
 # the highest each time, and the order of the methods was the same at every rate. Any other config (SmolLM2, a
 # pretrained model): not swept (a row takes minutes there); the usual ranges, 2.5-3x below the demo's.
 LR = {
-    "demo": {"lora": 5e-3, "qlora8": 5e-3, "qlora4": 5e-3, "freeze": 1e-3, "prefix": 3e-2, "lora_kd": 5e-3},
-    "pretrained": {"lora": 2e-3, "qlora8": 2e-3, "qlora4": 2e-3, "freeze": 3e-4, "prefix": 1e-2, "lora_kd": 2e-3},
+    "demo": {"lora": 5e-3, "qlora8": 5e-3, "qlora4": 5e-3, "freeze": 1e-3, "full": 1e-3, "prefix": 3e-2, "lora_kd": 5e-3,
+             "full_kd": 1e-3},
+    "pretrained": {"lora": 2e-3, "qlora8": 2e-3, "qlora4": 2e-3, "freeze": 3e-4, "full": 1e-4, "prefix": 1e-2,
+                   "lora_kd": 2e-3, "full_kd": 1e-4},
 }
 ROWS = tuple(LR["demo"])
 REFERENCES = ("unpruned", "pruned")
@@ -73,14 +79,15 @@ def chain(config: dict, root: Path) -> dict:
         "unpruned": str(chain_dir / "distilled"),
         "pruned": str(chain_dir / "pruned"),
         "data": str(root / f"data/{config['data']['dataset']}/{teacher}"),
+        "sets": {name: str(root / f"data/{name}/{teacher}") for name in config["evaluate"].get("sets", [])},
         "block_size": config["data"]["block_size"],  # tokens per block: every step trains batch_size of them
     }
 
 
 def row_settings(name: str, recover: dict, train: dict, lr: float, freeze_layers: int, virtual_tokens: int) -> dict:
     """The config's recover settings with the row's method and learning rate."""
-    method = {"qlora8": "qlora", "qlora4": "qlora", "lora_kd": "lora"}.get(name, name)
-    settings = {**recover, "method": method, "objective": "kd" if name == "lora_kd" else "lm",
+    method = {"qlora8": "qlora", "qlora4": "qlora"}.get(name, name.removesuffix("_kd"))
+    settings = {**recover, "method": method, "objective": "kd" if name.endswith("_kd") else "lm",
                 "train": {**train, "lr": lr}}
     if method == "qlora":
         settings["bits"] = int(name[-1])
@@ -91,9 +98,13 @@ def row_settings(name: str, recover: dict, train: dict, lr: float, freeze_layers
     return settings
 
 
+THREADS = {"n": 1}  # --threads: every child's torch threads
+
+
 def run_child(args: list[str], log_path: Path) -> dict:
     """Run `python -m <args>` to the end; its wall time and its own peak RSS (MiB) from os.wait4."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS["n"])}
+    args = [*args[:1], "--threads", str(THREADS["n"]), *args[1:]]
     started = time.time()
     with log_path.open("w") as log:
         child = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -110,11 +121,12 @@ def run_child(args: list[str], log_path: Path) -> dict:
     return {"wall_s": round(time.time() - started, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}  # KiB on Linux
 
 
-def evaluated(model: str, data: str, out: Path, evaluation: dict) -> dict:
-    child = run_child(["steps.evaluate", "--model", model, "--data", data, "--out", str(out),
-                       "--settings", json.dumps(evaluation)], out.with_suffix(".log"))
+def evaluated(model: str, c: dict, out: Path, evaluation: dict) -> dict:
+    child = run_child(["steps.evaluate", "--model", model, "--data", c["data"], "--out", str(out),
+                       "--sets", " ".join(c["sets"].values()), "--settings", json.dumps(evaluation)], out.with_suffix(".log"))
     metrics = json.loads(out.read_text())["metrics"]
     return {"perplexity": metrics["perplexity"], "params": metrics["params"], "eval_tokens_per_s": metrics["tokens_per_s"],
+            "sets": {name: metrics["sets"][name]["perplexity"] for name in c["sets"]}, "tasks": metrics.get("tasks", {}),
             "eval_peak_rss_mib": child["peak_rss_mib"], "eval_wall_s": child["wall_s"]}
 
 
@@ -146,7 +158,7 @@ def recovered(name: str, c: dict, settings: dict, kd: dict, evaluation: dict, tm
         "load_avg_1min": load,
         "lr": train["lr"],
     }
-    return {**result, **evaluated(str(out), c["data"], tmp / f"{name}.eval.json", evaluation)}
+    return {**result, **evaluated(str(out), c, tmp / f"{name}.eval.json", evaluation)}
 
 
 def main(argv=None) -> None:
@@ -160,6 +172,8 @@ def main(argv=None) -> None:
     parser.add_argument("--freeze-layers", type=int,
                         help="freeze: decoder layers trained (default: 5, seed 001's, or 1 on models under 8 layers)")
     parser.add_argument("--virtual-tokens", type=int, default=16, help="prefix: key/value positions per layer")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every child (1: the machine is shared)")
+    parser.add_argument("--tasks", action="store_true", help="also run the config's lm-eval tasks on every model")
     parser.add_argument("--lr", default="", help="per-row learning rates instead of LR's, e.g. freeze=1e-4,prefix=3e-2")
     args = parser.parse_args(argv)
     rows_wanted = args.rows.split(",")
@@ -170,7 +184,9 @@ def main(argv=None) -> None:
         parser.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
     config = load_config(args.config)
     c = chain(config, Path(args.root).resolve())
-    require(c["unpruned"], c["pruned"], c["data"], *([c["teacher"]] if "lora_kd" in rows_wanted else []))
+    THREADS["n"] = args.threads
+    kd_rows = any(name.endswith("_kd") for name in rows_wanted)
+    require(c["unpruned"], c["pruned"], c["data"], *c["sets"].values(), *([c["teacher"]] if kd_rows else []))
     layers = json.loads((Path(c["pruned"]) / "config.json").read_text())["num_hidden_layers"]
     freeze_layers = args.freeze_layers or (5 if layers >= 8 else 1)
     train = {**config["recover"]["train"], "checkpoint_every": 0, "eval_every": 0}
@@ -178,12 +194,13 @@ def main(argv=None) -> None:
     train["log_every"] = train["steps"]
     recover = {k: v for k, v in config["recover"].items() if k != "train"}
     kd = {k: config["distill"][k] for k in ("loss", "temperature", "kd_weight", "jsd_beta") if k in config["distill"]}
-    evaluation = {**config["evaluate"], **({"max_tokens": args.eval_tokens} if args.eval_tokens else {})}
+    evaluation = {**config["evaluate"], **({"max_tokens": args.eval_tokens} if args.eval_tokens else {}),
+                  "generation": {}, "speed": {}, **({} if args.tasks else {"tasks": []})}
     settings = {name: row_settings(name, recover, train, lr[name], freeze_layers, args.virtual_tokens) for name in rows_wanted}
     inputs = {
         "config": args.config, "root": str(Path(args.root).resolve()), **c, "train": train, "lr": {n: lr[n] for n in rows_wanted},
         "freeze_layers": freeze_layers, "of_layers": layers, "virtual_tokens": args.virtual_tokens, "kd": kd,
-        "evaluate": evaluation, "rows": rows_wanted, "settings": settings, "omp_num_threads": 1,
+        "evaluate": evaluation, "rows": rows_wanted, "settings": settings, "omp_num_threads": args.threads,
         "load_avg_1min": round(os.getloadavg()[0], 2),
     }
     print(f"steps {train['steps']}, batch {train['batch_size']}, seed {train.get('seed', 0)}; "
@@ -193,37 +210,50 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="recover_methods-") as tmp:
         tmp = Path(tmp)
         for name in REFERENCES:
-            raw[name] = evaluated(c[name], c["data"], tmp / f"{name}.eval.json", evaluation)
+            raw[name] = evaluated(c[name], c, tmp / f"{name}.eval.json", evaluation)
             print(f"{name} (untrained reference): {raw[name]}", flush=True)
         for name in rows_wanted:
             raw[name] = recovered(name, c, settings[name], kd, evaluation, tmp)
             print(f"{name}: {raw[name]}", flush=True)
     raw["wall_s"] = round(time.time() - started, 1)
 
-    ppl_pruned, ppl_unpruned = raw["pruned"]["perplexity"], raw["unpruned"]["perplexity"]
+    texts = {"test": lambda r: r["perplexity"], **{name: (lambda r, n=name: r["sets"][n]) for name in c["sets"]}}
+
+    def won_back(name: str, ppl) -> float:  # the share of the pruning loss on one text the row won back
+        pruned, unpruned = ppl(raw["pruned"]), ppl(raw["unpruned"])
+        return round((pruned - ppl(raw[name])) / (pruned - unpruned), 4)
+
     base = raw.get("lora")
     ratios = {}
     for name in rows_wanted:
         r = raw[name]
         ratios[name] = {
             "trainable_share": round(r["trainable_params"] / r["total_params"], 6),
-            "won_back": round((ppl_pruned - r["perplexity"]) / (ppl_pruned - ppl_unpruned), 4),
+            "won_back": won_back(name, texts["test"]),
+            **{f"won_back_{text}": won_back(name, ppl) for text, ppl in texts.items() if text != "test"},
         }
         if base:
             ratios[name] |= {"time_vs_lora": round(r["train_s"] / base["train_s"], 3),
                              "memory_vs_lora": round(r["train_peak_rss_mib"] / base["train_peak_rss_mib"], 3),
                              "ppl_vs_lora": round(r["perplexity"] / base["perplexity"], 4)}
+
+    def perplexities(n: str) -> dict:
+        return {f"ppl_{text}": round(ppl(raw[n]), 2) for text, ppl in texts.items()}
+
     rows = [{"method": n, "trainable": "-", "share%": "-", "total": f"{raw[n]['params']:,}", "train_MiB": "-",
-             "train_s": "-", "ppl": round(raw[n]["perplexity"], 2), "won_back": 1.0 if n == "unpruned" else 0.0,
+             "train_s": "-", **perplexities(n), **{f"won_{text}": 1.0 if n == "unpruned" else 0.0 for text in texts},
              "infer_MiB": round(raw[n]["eval_peak_rss_mib"]), "time/lora": "-", "mem/lora": "-", "ppl/lora": "-"}
             for n in REFERENCES]
     rows += [{"method": n, "trainable": f"{raw[n]['trainable_params']:,}", "share%": f"{100 * ratios[n]['trainable_share']:.3g}",
               "total": f"{raw[n]['total_params']:,}", "train_MiB": round(raw[n]["train_peak_rss_mib"]),
-              "train_s": round(raw[n]["train_s"], 1), "ppl": round(raw[n]["perplexity"], 2),
-              "won_back": round(ratios[n]["won_back"], 3), "infer_MiB": round(raw[n]["eval_peak_rss_mib"]),
+              "train_s": round(raw[n]["train_s"], 1), **perplexities(n),
+              **{f"won_{text}": round(won_back(n, ppl), 3) for text, ppl in texts.items()},
+              "infer_MiB": round(raw[n]["eval_peak_rss_mib"]),
               "time/lora": ratios[n].get("time_vs_lora", "-"), "mem/lora": ratios[n].get("memory_vs_lora", "-"),
               "ppl/lora": ratios[n].get("ppl_vs_lora", "-")} for n in rows_wanted]
-    print(f"\nsteps {train['steps']} x batch {train['batch_size']}, seed {train.get('seed', 0)}, OMP_NUM_THREADS=1; "
+    if args.tasks:
+        print("tasks:", {n: {t: round(v.get("acc_norm", v.get("acc", 0)), 3) for t, v in raw[n]["tasks"].items()} for n in raw if n != "wall_s"})
+    print(f"\nsteps {train['steps']} x batch {train['batch_size']}, seed {train.get('seed', 0)}, {args.threads} thread(s); "
           f"lr: {', '.join(f'{n} {lr[n]:g}' for n in rows_wanted)}; freeze: last {freeze_layers} of {layers} layers")
     print(table(rows))
     print(f"wall {raw['wall_s']:.0f} s")

@@ -1,4 +1,4 @@
-"""The recovery methods (lora, qlora, freeze, prefix), the kd objective and resuming, on tiny models."""
+"""The recovery methods (lora, qlora, freeze, full, prefix), the kd objective and resuming, on tiny models."""
 
 import json
 import math
@@ -156,6 +156,20 @@ def test_freeze_needs_between_one_and_all_layers(layers, model_dir, data_dir, tm
     assert_one_line_and_nothing_written(err, out)
 
 
+def test_full_trains_every_weight_and_the_plan_counts_them_all(real_dir, data_dir, tmp_path):
+    from steps.memory import Architecture
+    from steps.workflow.plan import recovery_memory_terms
+
+    out = tmp_path / "recovered"
+    run(str(real_dir), str(data_dir), str(out), RecoverSettings(method="full", train=TRAIN))
+    before, after = weights(real_dir), weights(out)
+    assert changed(before, after) == set(before)  # embeddings (tied to lm_head), norms, every layer
+    model = load_model(real_dir)
+    assert read_manifest(out)["trainable_params"] == model.num_parameters()  # the tied matrix once
+    assert recovery_memory_terms()["full"] == "full"
+    assert Architecture.from_config(json.loads((real_dir / "config.json").read_text())).params() == model.num_parameters()
+
+
 # prefix
 
 def test_prefix_keeps_the_base_and_is_applied_on_load(real_dir, data_dir, sample_ids, tmp_path):
@@ -282,6 +296,16 @@ def test_kd_from_the_logit_cache_never_loads_the_teacher(cache_dir, teacher_dir,
     assert read_manifest(out)["inputs"]["logits"]["path"] == str(cache_dir)
 
 
+def test_kd_from_a_cache_of_the_first_blocks_trains_on_those(teacher_dir, model_dir, small_data_dir, tmp_path):
+    first = tmp_path / "first"
+    build_cache(str(teacher_dir), str(small_data_dir), str(first), CacheSettings(top_k=8, blocks=2))
+    out = tmp_path / "recovered"
+    kd = DistillSettings(kd_weight=1.0, logit_cache={"top_k": 8, "blocks": 2})
+    run(str(model_dir), str(small_data_dir), str(out), RecoverSettings(objective="kd", train=TRAIN),
+        teacher=str(teacher_dir), logits=str(first), kd=kd)  # blocks past the cache's 2 would have no rows there
+    assert changed(weights(model_dir), weights(out))
+
+
 def test_kd_refuses_a_cache_of_other_data_or_k(cache_dir, teacher_dir, model_dir, data_dir, small_data_dir, tmp_path):
     settings = RecoverSettings(objective="kd", train=TRAIN)
     out = tmp_path / "recovered"
@@ -359,5 +383,5 @@ def test_a_method_is_found_by_its_name_in_its_own_module():
     assert {m: f"steps.recover.{module.__name__.rpartition('.')[2]}" for m, module in METHOD_MODULES.items()} == {
         m: module for module, methods in declared.items() for m in methods}
     assert recovery_memory_terms() == {m: module.MEMORY for m, module in METHOD_MODULES.items()}
-    assert set(recovery_memory_terms().values()) <= {"lora", "layers", "none"}
+    assert set(recovery_memory_terms().values()) <= {"lora", "layers", "full", "none"}
     assert {m for m, module in METHOD_MODULES.items() if not module.MERGED} == {"prefix"}

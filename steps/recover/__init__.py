@@ -3,7 +3,7 @@
     python -m steps.recover --model DIR --data DIR --out DIR [--teacher DIR [--logits DIR] --kd JSON]
                             [--checkpoints DIR] [--metrics FILE] --settings JSON
 
-`method`, one module per method family, found by name (lora.py, freeze.py, prefix.py):
+`method`, one module per method family, found by name (lora.py, freeze.py, full.py, prefix.py):
 - `lora`: peft LoRA of rank `rank` on `target_modules` (names, or "all-linear"),
   merged into the weights: a dense model of the pruned shape, as fast as before.
   The adapter is kept in `adapter/` too.
@@ -11,6 +11,7 @@
   seed 001 loads it; 4: NF4), merged afterwards into the float base: training
   memory of a quantized model, output of a float one.
 - `freeze`: full updates of the last `trainable_layers` decoder layers only.
+- `full`: every weight trains (full.py), distillation's memory.
 - `prefix`: P-tuning v2, `virtual_tokens` trained key/value prefixes per layer.
   Not mergeable: the output is the base plus `adapter/`, which every later stage
   loads through peft (steps.models.load_model).
@@ -42,7 +43,7 @@ from steps import distributed, methods
 from steps.artifacts import StageError, atomic_dir, run_key, settings_from, write_manifest
 from steps.cli import optional, stage_cli
 from steps.distill import DistillSettings, kd_objective
-from steps.logit_cache import CacheSettings, LogitCache
+from steps.logit_cache import CacheSettings, LogitCache, cached_blocks
 from steps.models import check_same_vocabulary, load_model, load_tokenizer, save_model
 from steps.prepared import load_split
 from steps.recover import lora
@@ -112,6 +113,7 @@ def run(model_dir: str, data_dir: str, out: str, settings: RecoverSettings, chec
         teacher: str | None = None, logits: str | None = None, kd: DistillSettings = DistillSettings()) -> None:
     blocks = load_split(data_dir, "train")
     loop, cache_settings = check(settings, teacher, kd, len(blocks[0]["input_ids"]))
+    blocks = cached_blocks(blocks, cache_settings)  # kd from a cache of the first N blocks trains on those
     started = time.time()
     tokenizer = load_tokenizer(model_dir)
     device = distributed.setup()

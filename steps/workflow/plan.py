@@ -139,6 +139,8 @@ def job_estimate(rule, wildcards, entry):
             trainable = memory.lora_params(student, setting(recover, "rank", settings_class), targets)
         elif trains == "layers":
             trainable = setting(recover, "trainable_layers", settings_class) * student.layer_params()
+        elif trains == "full":
+            trainable = student.params()
         else:
             trainable = 0  # "none": e.g. a prefix's few virtual tokens
     train = functools.partial(train_setting, family, recipe, rule)
