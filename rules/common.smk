@@ -16,6 +16,7 @@ wildcard_constraints:
     data=one_of(MODELS),
     k=r"[1-9][0-9]*",
     dtype=r"float16|bfloat16",
+    blocks=r"(-[1-9][0-9]*b)?",  # a teacher-logit cache of the first N train blocks (paths.logit_cache_dir), or all
 
 # Jobs that stay on the submitting machine under a cluster executor: downloads need the internet that
 # compute nodes often lack, and gathering a few JSON files into a report is not worth a queue slot.

@@ -13,10 +13,6 @@ rule teacher_logits:
         data=lambda wildcards: data_dir(wildcards.teacher),
     output:
         directory("cache/logits/{teacher}/{dataset}/top{k}-{dtype}{blocks}"),
-    wildcard_constraints:
-        k=r"\d+",
-        dtype=r"float16|bfloat16",
-        blocks=r"(-\d+b)?",  # paths.logit_cache_dir: "-Nb" when the cache holds only the first N train blocks
     params:
         settings=lambda wildcards: as_json(
             {"top_k": int(wildcards.k), "dtype": wildcards.dtype, "blocks": int(wildcards.blocks[1:-1] or 0)}

@@ -28,7 +28,9 @@ rule quantize:
 
 
 # The baseline a user would otherwise pick: the chain's teacher quantized alone by the same method (GGUF
-# methods: steps.workflow.paths.has_baseline), evaluated beside the chain and shown in its report.
+# methods: steps.workflow.paths.has_baseline), evaluated beside the chain and shown in its report. It depends
+# on the teacher, its data and the method only: paths.chain_evals asks for it under the teacher's pair with
+# itself ({teacher}_{teacher}), one for every student.
 use rule quantize as quantize_baseline with:
     input:
         model=teacher_model,

@@ -220,7 +220,7 @@ def test_gguf_target_reuses_the_chain_and_evaluates_the_file_beside_the_teacher_
     rows = {row["stage"]: row for row in report["chain"]}
     # the baseline: the teacher written to GGUF and quantized alone, measured the same way, after the chain
     assert list(rows)[-2:] == ["quantized", "baseline"]
-    teacher_gguf = built / "models/default/teacher_student/baseline/gguf-q8/model.gguf"
+    teacher_gguf = built / "models/default/teacher_teacher/baseline/gguf-q8/model.gguf"  # shared by every student
     assert rows["baseline"]["size_bytes"] == teacher_gguf.stat().st_size < rows["teacher"]["size_bytes"] / 2
     assert abs(rows["baseline"]["perplexity"] / rows["teacher"]["perplexity"] - 1) < 0.02
     assert report["vs_baseline"]["size"] == rows["quantized"]["size_bytes"] / rows["baseline"]["size_bytes"]

@@ -79,8 +79,12 @@ def test_every_stage_gets_its_paths(demo):
 def test_a_gguf_chain_is_evaluated_beside_its_teacher_quantized_alone(demo):
     evals = paths.chain_evals("default", "teacher", "student", "gguf-q4")
     assert list(evals)[-2:] == ["quantized", "baseline"]
-    assert evals["baseline"] == "evals/default/teacher_student/baseline/gguf-q4.json"
-    assert paths.chain_dir("default", "teacher", "student", "baseline/gguf-q4") == "models/default/teacher_student/baseline/gguf-q4"
+    # the teacher quantized alone: one model and one evaluation for every student of the teacher, under its pair
+    # with itself (the rules of a chain's stages build them)
+    assert evals["baseline"] == "evals/default/teacher_teacher/baseline/gguf-q4.json"
+    assert paths.chain_evals("default", "smollm2", "smollm2-half", "gguf-q4")["baseline"] == paths.chain_evals(
+        "default", "smollm2", "smollm2", "gguf-q4")["baseline"] == "evals/default/smollm2_smollm2/baseline/gguf-q4.json"
+    assert paths.chain_dir("default", "teacher", "teacher", "baseline/gguf-q4") == "models/default/teacher_teacher/baseline/gguf-q4"
     assert inputs.teacher_model(wildcards(teacher="teacher", student="student")) == "models/base/teacher"
     # a recipe that changes a training stage shares the default's baseline: only the method makes it
     assert paths.stage_owner(families.TOP, "lora16", "baseline/gguf-q4") == "default"

@@ -186,8 +186,12 @@ def settings_for(name, quantized="quant"):
     return settings
 
 
+PLAN_ONLY_KEYS = ("architecture",)  # the memory plan's numbers for a model not yet fetched: they make no model
+
+
 def model_spec_json(wildcards):
-    return as_json(model_spec(wildcards.alias))
+    """A base model's spec for its step; keys the plan alone reads are left out, so adding them rebuilds nothing."""
+    return as_json({k: v for k, v in model_spec(wildcards.alias).items() if k not in PLAN_ONLY_KEYS})
 
 
 def alias_prune_settings(wildcards):

@@ -167,9 +167,7 @@ def chain_evals(recipe, teacher, student, quant):
     family, data = pair_family(teacher, student), data_dir(teacher).rpartition("/")[2]
     quantized = "recovered" if quant_method(family, recipe, quant)["scheme"] == "none" else f"quant/{quant}"
     stages = {"distilled": "distilled", "pruned": "pruned", "recovered": "recovered", "quantized": quantized}
-    if has_baseline(family, recipe, quant):
-        stages["baseline"] = f"baseline/{quant}"
-    return {
+    evals = {
         "teacher": base_eval(family, recipe, teacher, data),
         "student": base_eval(family, recipe, student, data),
         **{
@@ -177,6 +175,12 @@ def chain_evals(recipe, teacher, student, quant):
             for name, stage in stages.items()
         },
     }
+    if has_baseline(family, recipe, quant):
+        # the teacher quantized alone depends on the teacher, its data and the method only: one file for every
+        # student of that teacher, under the teacher's pair with itself
+        stage = f"baseline/{quant}"
+        evals["baseline"] = f"evals/{stage_owner(family, recipe, stage, evaluated=True)}/{teacher}_{teacher}/{stage}.json"
+    return evals
 
 
 def job_path(wildcards, stage, evaluated):
