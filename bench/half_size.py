@@ -19,8 +19,8 @@ N steps of the recipe's batch are N x batch x block tokens (1,024 at 4 x 256). T
 Each row is read as the chain's evaluation reads it: perplexity on the first --eval-tokens of the corpus' test
 split and of the held-out literature (canterbury), and the zero-shot cloze accuracy (lm-eval) on the float model;
 then its Q4_K_M GGUF from llama.cpp (the recipe's output type, here without an importance matrix so that the
-teacher's files are made the same way) is measured by llama.cpp: the same perplexities, its size and its decode
-tokens/s (llama-bench). The teacher's own rows (f32, Q8_0, Q4_K_M, Q2_K) come from the same run. Ratios are to the
+teacher's files are made the same way) is measured by llama.cpp: the same perplexities and its size. Decode
+tokens/s (llama-bench) come from a last pass over every file, one after the other, once the training is done. The teacher's own rows (f32, Q8_0, Q4_K_M, Q2_K) come from the same run. Ratios are to the
 teacher f32 (perplexity) and to the best teacher-alone file of at most the row's size (bench.gguf_baseline).
 
 Models are kept under cache/bench/half_size/ (a rerun skips rows already trained); the cache is the workflow's own
@@ -42,9 +42,11 @@ from bench.quant_quality import load_config
 from steps.artifacts import read_manifest, settings_from
 from steps.distill import DistillSettings, run as distill
 from steps.evaluate import EvaluateSettings, run as evaluate
+from steps.evaluate.runtime import gguf_speed
 from steps.logit_cache import CacheSettings, build as build_cache
 from steps.prepared import load_split
 from steps.prune import PruneSettings, run as prune
+from steps.quantize import QuantizeSettings, run as quantize
 from steps.workflow.families import deep_merge
 
 SHAPES = {  # prune targets of SmolLM2 (30 layers, hidden 576, 9 query / 3 KV heads, MLP 1536)
@@ -82,6 +84,20 @@ def train_row(rounds, teacher: str, data: str, cache: str, prune_base: dict, dis
         model, name = str(distilled), name + "+"
         distilled_dirs.append(model)
     return distilled_dirs
+
+
+def speed_pass(files: dict[str, tuple[str, str]], speed: dict, threads: int) -> dict[str, dict]:
+    """llama-bench on every file one after the other, once nothing else of this run is working: decode speed is
+    what a shared machine distorts most, so the table's tokens/s come from this pass. `files`: row name ->
+    (model directory, GGUF type); each file is written again (seconds) under WORK."""
+    speeds = {}
+    for name, (model, kind) in files.items():
+        out = WORK / f"{name.replace(' ', '-')}.{kind}"
+        if not out.exists():
+            quantize(model, str(out), settings_from(QuantizeSettings, {"scheme": "gguf", "type": kind}))
+        speeds[name] = gguf_speed(out / "model.gguf", speed["prompt_tokens"], speed["new_tokens"], speed["repeats"], threads)
+        print(name, kind, speeds[name], flush=True)
+    return speeds
 
 
 def main(argv=None) -> None:
@@ -152,6 +168,13 @@ def main(argv=None) -> None:
             if name not in raw:
                 read(name, train_row(rounds, teacher, data, cache, prune_base, distill_base))
 
+    import torch
+
+    models = {name: (teacher, name[8:]) for name in raw if name.startswith("teacher ")}
+    models |= {name: (train_row(rounds, teacher, data, cache, prune_base, distill_base)[-1], "q4_k_m") for name, rounds in rows.items()}
+    for name, measured in speed_pass(models, speed, torch.get_num_threads()).items():
+        (raw[name] if name.startswith("teacher ") else raw[name]["q4_k_m"]).update(measured)
+    raw["teacher"]["q4_k_m"] = raw["teacher q4_k_m"]
     alone = {k: v for k, v in raw.items() if k.startswith("teacher ")}
     reference = raw["teacher f32"]
     out_rows = []
