@@ -138,7 +138,10 @@ def main(argv=None) -> None:
               "distill": distill_base, "prune": prune_base, "eval_tokens": args.eval_tokens, "speed": speed}
     progress = WORK / "measured.json"  # rows measured so far with these inputs: a rerun after a kill goes on from there
     saved = json.loads(progress.read_text()) if progress.exists() else {}
-    raw = saved.get("raw", {}) if saved.get("inputs") == json.loads(json.dumps(inputs)) else {}
+    def same_run(saved_inputs: dict) -> bool:  # the rows asked for may differ: each row's name says what it trains
+        return {k: v for k, v in saved_inputs.items() if k != "rows"} == {k: v for k, v in json.loads(json.dumps(inputs)).items() if k != "rows"}
+
+    raw = saved.get("raw", {}) if same_run(saved.get("inputs", {})) else {}
     with tempfile.TemporaryDirectory() as tmp:
         def read(name: str, rounds: list[str], q4=None) -> None:
             started, model = time.perf_counter(), rounds[-1]
@@ -171,7 +174,9 @@ def main(argv=None) -> None:
     import torch
 
     models = {name: (teacher, name[8:]) for name in raw if name.startswith("teacher ")}
-    models |= {name: (train_row(rounds, teacher, data, cache, prune_base, distill_base)[-1], "q4_k_m") for name, rounds in rows.items()}
+    every_row = rows_for(steps)  # rows measured by an earlier run with these inputs are in the table too
+    models |= {name: (train_row(every_row[name], teacher, data, cache, prune_base, distill_base)[-1], "q4_k_m")
+               for name in raw if name in every_row}
     for name, measured in speed_pass(models, speed, torch.get_num_threads()).items():
         (raw[name] if name.startswith("teacher ") else raw[name]["q4_k_m"]).update(measured)
     raw["teacher"]["q4_k_m"] = raw["teacher q4_k_m"]
