@@ -1,7 +1,7 @@
 """Half of SmolLM2: which shape, one round or two, and how many tokens, beside the teacher quantized alone?
 
     python -m bench.half_size                       # after `make corpus` (data) and the SmolLM2 GGUF (`make smollm2`)
-    python -m bench.half_size --steps 144 --rows depth-16,depth-48
+    python -m bench.half_size --steps 144 --rows both-16,both-48
 
 Every row is the recipe `half` of config/smollm2.yaml with one thing changed: the teacher pruned to a shape
 (importance from calibration on the corpus, the `smollm2-half` alias' prune settings), distilled from the unpruned
@@ -13,8 +13,9 @@ teacher through the recipe's logit cache (pure KD from its top-64 log-probs), fo
     0.7x-N    18 layers                                              0.68x
     rounds-N  0.7x for N/2 steps, then pruned to 12 layers (calibrated on the round-one model) for N/2 more
 
-N steps of the recipe's batch are N x batch x block tokens (1,024 at 4 x 256). The tokens curve is depth at
---steps / 9, / 3 and --steps; every other row trains --steps / 3, the same tokens as depth's middle row.
+N steps of the recipe's batch are N x batch x block tokens (1,024 at 4 x 256). The tokens curve is the recipe's own
+shape (the `smollm2-half` alias' target, one of the above) at --steps / 9, / 3 and --steps; every other row trains
+--steps / 3, the same tokens as the curve's middle row.
 
 Each row is read as the chain's evaluation reads it: perplexity on the first --eval-tokens of the corpus' test
 split and of the held-out literature (canterbury), and the zero-shot cloze accuracy (lm-eval) on the float model;
@@ -59,12 +60,12 @@ TEACHER_TYPES = ("f32", "q8_0", "q4_k_m", "q2_k")
 WORK = Path("cache/bench/half_size")
 
 
-def rows_for(steps: int) -> dict[str, list[tuple[str, int]]]:
-    """Row name -> its rounds, each (shape, optimizer steps)."""
+def rows_for(steps: int, curve: str) -> dict[str, list[tuple[str, int]]]:
+    """Row name -> its rounds, each (shape, optimizer steps); `curve` is the shape trained at three budgets."""
     third = steps // 3
     rows = {f"{shape}-{third}": [(shape, third)] for shape in ("depth", "width", "both")}  # equal tokens first
     rows[f"rounds-{third}"] = [("0.7x", third // 2), ("depth", third - third // 2)]
-    rows |= {f"0.7x-{third}": [("0.7x", third)], f"depth-{steps // 9}": [("depth", steps // 9)], f"depth-{steps}": [("depth", steps)]}
+    rows |= {f"0.7x-{third}": [("0.7x", third)], f"{curve}-{steps // 9}": [(curve, steps // 9)], f"{curve}-{steps}": [(curve, steps)]}
     return rows
 
 
@@ -111,12 +112,14 @@ def main(argv=None) -> None:
     config = load_config(args.config)
     recipe = config["recipes"]["half"]
     distill_base = deep_merge(config["distill"], recipe["distill"])
-    prune_base = {k: v for k, v in config["models"]["smollm2-half"]["prune"].items() if k != "target"}
+    half = config["models"]["smollm2-half"]["prune"]
+    prune_base = {k: v for k, v in half.items() if k != "target"}
+    curve = next(name for name, target in SHAPES.items() if target == half["target"])
     teacher, data = "models/base/smollm2", f"data/{config['data']['dataset']}/smollm2"
     set_dirs = [f"data/{name}/smollm2" for name in config["evaluate"]["sets"]]
     require(teacher, data, *set_dirs)
     steps = args.steps or distill_base["train"]["steps"]
-    rows = rows_for(steps)
+    rows = rows_for(steps, curve)
     if args.rows:
         rows = {name: rows[name] for name in args.rows.split(",")}
     cache_settings = settings_from(CacheSettings, distill_base["logit_cache"])
@@ -174,7 +177,7 @@ def main(argv=None) -> None:
     import torch
 
     models = {name: (teacher, name[8:]) for name in raw if name.startswith("teacher ")}
-    every_row = rows_for(steps)  # rows measured by an earlier run with these inputs are in the table too
+    every_row = rows_for(steps, curve)  # rows measured by an earlier run with these inputs are in the table too
     models |= {name: (train_row(every_row[name], teacher, data, cache, prune_base, distill_base)[-1], "q4_k_m")
                for name in raw if name in every_row}
     for name, measured in speed_pass(models, speed, torch.get_num_threads()).items():

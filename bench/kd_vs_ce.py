@@ -4,7 +4,7 @@
     python -m bench.kd_vs_ce --config config/smollm2.yaml --steps 20 --batch-size 4 --eval-tokens 8192
 
 Side by side in one run (demo: `make demo` first; SmolLM2: the half-size chain's base models,
-models/base/smollm2 as the teacher and models/base/smollm2-half, SmolLM2 pruned to 12 of its 30 layers,
+models/base/smollm2 as the teacher and models/base/smollm2-half, SmolLM2 pruned to 20 of its 30 layers and MLP 768,
 as the student, with that recipe's distill settings): the same untrained student is trained for the
 same steps, batches (steps.training.batch_at, seed 0) and learning rate with
 
