@@ -359,7 +359,7 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_unbroken_one(method, mo
 # unknown choices
 
 @pytest.mark.parametrize("field, value, choices", [
-    ("method", "dora", "['freeze', 'lora', 'qlora', 'prefix']"),
+    ("method", "dora", "['freeze', 'full', 'lora', 'qlora', 'prefix']"),
     ("objective", "ce", "['lm', 'kd']"),
 ])
 def test_an_unknown_method_or_objective_lists_the_choices(field, value, choices, model_dir, data_dir, tmp_path):
