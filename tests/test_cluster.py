@@ -176,12 +176,17 @@ def test_a_profiles_gpu_memory_is_what_a_chain_without_its_own_is_checked_agains
 
 @pytest.mark.workflow
 def test_a_model_file_the_plan_cannot_read_leaves_its_jobs_unestimated_not_the_run_stopped(tmp_path):
-    """An empty GGUF file: base_model says what is wrong with it, in its own line, when it runs."""
+    """An empty GGUF file: base_model says what is wrong with it, in its own line, when it runs. The plan falls
+    back on the model's `architecture:` where the config gives one (SmolLM2's), else leaves the job unestimated."""
     from test_families import GGUF
 
     run = copy_workflow(tmp_path / "run")
     (run / GGUF).parent.mkdir(parents=True)
     (run / GGUF).touch()
+    text = snakemake(run, "smollm2")
+    assert "memory plan: distill smollm2_smollm2 on CPU: " in text  # from config/smollm2.yaml's architecture:
+    config = run / "config" / "smollm2.yaml"
+    config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("    architecture:")))
     text = snakemake(run, "smollm2")
     assert "memory plan: distill smollm2_smollm2: not estimated (no shape of its models before they are built: " \
            "give a hub or gguf model `architecture:`, config.json's numbers)" in text
