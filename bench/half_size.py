@@ -49,6 +49,7 @@ from steps.prepared import load_split
 from steps.prune import PruneSettings, run as prune
 from steps.quantize import QuantizeSettings, run as quantize
 from steps.workflow.families import deep_merge
+from steps.workflow.paths import cache_path
 
 SHAPES = {  # prune targets of SmolLM2 (30 layers, hidden 576, 9 query / 3 KV heads, MLP 1536)
     "depth": {"num_hidden_layers": 12},
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
     if args.rows:
         rows = {name: rows[name] for name in args.rows.split(",")}
     cache_settings = settings_from(CacheSettings, distill_base["logit_cache"])
-    cache = f"cache/logits/smollm2/{config['data']['dataset']}/top{cache_settings.top_k}-{cache_settings.dtype}-{cache_settings.blocks}b"
+    cache = cache_path("smollm2", config["data"]["dataset"], distill_base["logit_cache"])  # the workflow's own
     batch = distill_base["train"]["batch_size"]
     if steps * batch > cache_settings.blocks:
         print(f"note: {steps} steps x {batch} blocks draw from {cache_settings.blocks} cached blocks (repeats)")
@@ -137,6 +138,7 @@ def main(argv=None) -> None:
     gguf_eval = EvaluateSettings(**{**config["evaluate"], "max_tokens": args.eval_tokens, "tasks": [], "generation": {},
                                     "speed": speed})
     sets = [Path(data).parent.name, *float_eval.sets]
+    in_gguf = {s: "perplexity" if s == sets[0] else f"{s}_perplexity" for s in sets}  # measure()'s keys: the own data's bare
     inputs = {"config": args.config, "steps": steps, "rows": rows, "shapes": SHAPES, "cache": cache,
               "distill": distill_base, "prune": prune_base, "eval_tokens": args.eval_tokens, "speed": speed}
     progress = WORK / "measured.json"  # rows measured so far with these inputs: a rerun after a kill goes on from there
@@ -193,8 +195,7 @@ def main(argv=None) -> None:
         row = {"row": name, "params_M": round(m["params"] / 1e6, 1), "tokens_k": round(m["tokens"] / 1e3)}
         for s in sets:
             row[f"{s}"] = round(m[f"{s}_perplexity"], 2)
-            row[f"{s}_vs_teacher"] = round(q4[f"{s}_perplexity" if s != sets[0] else "perplexity"] / (
-                reference[f"{s}_perplexity" if s != sets[0] else "perplexity"]), 3)
+            row[f"{s}_vs_teacher"] = round(q4[in_gguf[s]] / reference[in_gguf[s]], 3)
         row |= {task: round(scores.get("acc_norm", scores.get("acc", 0)), 3) for task, scores in m["cloze"].items()}
         row |= {"q4km_MB": round(q4["size_bytes"] / 1e6, 1), "decode_tok_s": round(q4["decode_tokens_per_s"], 1),
                 "train_tok_s": "/".join(str(t) for t in m["train_tokens_per_s"]) or "-"}
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
         out_rows.append(row)
     print(table(out_rows))
     print(table([{"teacher alone": k[8:], "MB": round(v["size_bytes"] / 1e6, 1), "decode_tok_s": round(v["decode_tokens_per_s"], 1),
-                  **{s: round(v[f"{s}_perplexity" if s != sets[0] else "perplexity"], 2) for s in sets}} for k, v in alone.items()]))
+                  **{s: round(v[in_gguf[s]], 2) for s in sets}} for k, v in alone.items()]))
     print("written", save("half_size", inputs, raw, {"rows": out_rows}))
 
 

@@ -92,10 +92,13 @@ def logit_cache_dir(family, recipe, teacher):
     """The teacher-logit cache a recipe's distillation reads, or None for the live teacher. Keyed by
     teacher, dataset, k, dtype and the blocks covered only: every student and recipe with those shares one cache."""
     cache = section(family, recipe, "distill").get("logit_cache", {})
-    if not cache.get("top_k"):
-        return None
+    return cache_path(teacher, dataset_of(teacher), cache) if cache.get("top_k") else None
+
+
+def cache_path(teacher, dataset, cache):
+    """Where the cache of these `logit_cache` settings (top_k, dtype, blocks) of `teacher` on `dataset` lives."""
     blocks = f"-{cache['blocks']}b" if cache.get("blocks") else ""
-    return f"cache/logits/{teacher}/{dataset_of(teacher)}/top{cache['top_k']}-{cache.get('dtype', 'float16')}{blocks}"
+    return f"cache/logits/{teacher}/{dataset}/top{cache['top_k']}-{cache.get('dtype', 'float16')}{blocks}"
 
 
 # ---------------------------------------------------------------- sharing across recipes
