@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.common import require, save, table
 from bench.gguf_baseline import best_alone_at_most, measure
 from bench.quant_quality import load_config
@@ -176,15 +178,13 @@ def main(argv=None) -> None:
             if name not in raw:
                 read(name, train_row(rounds, teacher, data, cache, prune_base, distill_base))
 
-    import torch
-
     models = {name: (teacher, name[8:]) for name in raw if name.startswith("teacher ")}
     every_row = rows_for(steps, curve)  # rows measured by an earlier run with these inputs are in the table too
     models |= {name: (train_row(every_row[name], teacher, data, cache, prune_base, distill_base)[-1], "q4_k_m")
                for name in raw if name in every_row}
     for name, measured in speed_pass(models, speed, torch.get_num_threads()).items():
         (raw[name] if name.startswith("teacher ") else raw[name]["q4_k_m"]).update(measured)
-    raw["teacher"]["q4_k_m"] = raw["teacher q4_k_m"]
+    raw["teacher"]["q4_k_m"] = raw["teacher q4_k_m"]  # one object in a fresh run, two copies once read from measured.json
     alone = {k: v for k, v in raw.items() if k.startswith("teacher ")}
     reference = raw["teacher f32"]
     out_rows = []
