@@ -4,6 +4,7 @@
 #   snakemake --cores 8 results/llama7b_1b_int8.eval   # the family `llama` (config/llama.yaml), its own settings
 #   snakemake --cores 8 llama                        # that family's own `targets:`
 #   snakemake --profile profiles/slurm results/llama7b_1b_int8.eval
+#   snakemake --cores 2 search/NAME                  # a search over recipes (`searches:`), its front and pick
 #
 # Target grammar: results/[{recipe}/]{teacher}_{student}_{quant}.eval (see README.md).
 
@@ -39,6 +40,7 @@ include: "rules/prune.smk"
 include: "rules/recover.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
+include: "rules/search.smk"
 
 
 rule all:

@@ -26,4 +26,5 @@ localrules:
     report,
     report_recipe,
     summary,
+    search,
 

@@ -162,3 +162,39 @@ def plot_training(curves: dict[str, list[dict]], out: str | Path) -> bool:
                 ax.legend()
         _save(fig, out)
     return True
+
+
+def plot_search(result: dict, objective: str, out: str | Path) -> None:
+    """A search's candidates: the objective against size on disk and against decode speed, each panel's Pareto
+    front stepped through, the pick ringed, the goals' bounds dashed and the teacher quantized alone as squares."""
+    candidates = result["candidates"]
+    if not candidates:
+        raise StageError(f"{out}: the search has no candidates to plot")
+    panels = [("size_MB", "size on disk (MB)", "on_front"), ("decode_tokens_per_s", "decode tokens/s", "on_speed_front")]
+    pick = (result.get("pick") or {}).get("target")
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
+        for ax, (x, label, flag) in zip(axes, panels):
+            shown = [c for c in candidates if c["metrics"].get(x) is not None]
+            xs, ys = [c["metrics"][x] for c in shown], [c["metrics"][objective] for c in shown]
+            ax.scatter(xs, ys, color=["C2" if c["meets_goals"] else "0.6" for c in shown], s=28, zorder=2)
+            on = sorted((c["metrics"][x], c["metrics"][objective]) for c in shown if c[flag])
+            if on:
+                ax.plot(*zip(*on), drawstyle="steps-post", marker="o", markersize=8, color="C3", label="Pareto front", zorder=3)
+            for c, px, py in zip(shown, xs, ys):
+                ax.annotate(c["recipe"].removeprefix(f"{result['search']}-") + f" {c['quant']}", (px, py),
+                            xytext=(5, 4), textcoords="offset points", fontsize=7)
+                if c["target"] == pick:
+                    ax.scatter([px], [py], s=180, facecolors="none", edgecolors="k", linewidths=1.5, label="pick", zorder=4)
+            for baseline in result.get("baselines", []):
+                if baseline["metrics"].get(x) is not None and baseline["metrics"].get(objective) is not None:
+                    ax.scatter([baseline["metrics"][x]], [baseline["metrics"][objective]], marker="s", color="k", zorder=3,
+                               label=f"teacher, {baseline['quant']} alone")
+            for metric, line in ((x, ax.axvline), (objective, ax.axhline)):
+                for bound in result["goals"].get(metric, {}).values():
+                    line(bound, color="C2", linestyle="--", linewidth=1)
+            ax.set_xlabel(label)
+            ax.set_ylabel(objective)
+            if shown:
+                ax.legend(loc="best", fontsize=7)
+        _save(fig, out)

@@ -44,6 +44,8 @@ FAMILIES: dict[str, dict] = {}
 ALIAS_FAMILY: dict[str, str] = {}
 DATASET_FAMILY: dict[str, str] = {}
 MODELS: dict[str, dict] = {}
+# Recipes that searches add (steps/workflow/search.py): family -> name -> overrides, beside its written `recipes:`.
+GENERATED: dict[str, dict[str, dict]] = {}
 _cleared_on_load = []  # functools caches over these tables (paths.stage_key, ...)
 
 
@@ -129,21 +131,26 @@ def describe(family):
 def load_family(config, name, schema, basedir):
     """A family's settings: its file, the other keys of its `families:` entry merged over it, validated alone
     against `schema` (the settings $def, which fills its gaps with defaults)."""
-    from snakemake.exceptions import WorkflowError
-
     overrides = dict(config["families"][name])
     path = overrides.pop("configfile", None)
     if path and not os.path.isfile(f"{basedir}/{path}"):
         raise ValueError(f"{describe(name)}: no such file in {basedir} (fix `families: {{{name}: {{configfile: ...}}}}`)")
     settings = read_yaml(f"{basedir}/{path}") if path else {}
     merge_over(settings, overrides)
+    check_valid(settings, schema, describe(name))
+    return settings
+
+
+def check_valid(settings, schema, what):
+    """`validated`, its jsonschema error as one line: `what` is not valid, the message, and where."""
+    from snakemake.exceptions import WorkflowError
+
     try:
         validated(settings, schema)
-    except WorkflowError as error:  # its jsonschema error, in one line
+    except WorkflowError as error:
         cause = error.__context__  # Snakemake raises it while handling jsonschema's ValidationError
         at = "".join(f"[{key!r}]" for key in cause.absolute_path)
-        raise ValueError(f"{describe(name)} is not valid: {cause.message} (at {at or 'its top level'})") from None
-    return settings
+        raise ValueError(f"{what} is not valid: {cause.message} (at {at or 'its top level'})") from None
 
 
 def dataset_source(spec):
@@ -214,6 +221,9 @@ def load(config, basedir, configfiles=()):
     check_pairs()
     for cached in _cleared_on_load:
         cached.cache_clear()
+    from steps.workflow import search  # it plans with paths, which imports this module
+
+    search.expand_all(schema)
 
 
 def check_pairs():
@@ -270,6 +280,8 @@ def recipe_overrides(family, recipe):
     if recipe == DEFAULT_RECIPE:
         return {}
     recipes = FAMILIES[family]["recipes"]
+    if recipe in GENERATED.get(family, {}):
+        return GENERATED[family][recipe]
     if recipe not in recipes:
         where = "the config" if family == TOP else describe(family)
         raise ValueError(

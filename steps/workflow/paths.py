@@ -2,13 +2,16 @@
 
 Sharing across recipes: a chain stage's model is made by the settings of its own section and of every
 section before it. Two recipes that agree on those share the stage: its directory carries the name of the
-first of them, the default first and then by name, so a recipe that only changes `recover:` reads the
-default's distilled and pruned models instead of training them again.
+first of them, the default first and then the written recipes by name, so a recipe that only changes `recover:`
+reads the default's distilled and pruned models instead of training them again. A stage that only searches'
+candidates make (steps/workflow/search.py) lives under a name taken from its settings alone, `auto-<hash>`: which
+candidates a search has never moves it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -21,6 +24,7 @@ TARGET = re.compile(rf"results/(?:(?P<recipe>{NAME})/)?(?P<teacher>{NAME})_(?P<s
 # fields become plain groups (named ones would be wildcards to Snakemake)
 MALFORMED_NAME = rf"(?!{re.sub(r'[(][?]P<[a-z]+>', '(?:', TARGET.pattern).removeprefix('results/')}$).+"
 STAGE_SECTIONS = {"distilled": ("distill",), "pruned": ("distill", "prune"), "recovered": ("distill", "prune", "recover")}
+AUTO = "auto-"  # the names of the recipes that hold stages only searches make (auto_recipe)
 STAGE_OF = {"distill": "distilled", "prune": "pruned", "recover": "recovered"}  # the model each training step makes
 
 
@@ -128,7 +132,14 @@ def stage_owner(family, recipe, stage, evaluated=False):
     """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
     key = stage_key(family, recipe, stage, evaluated)
     recipes = (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"]))
-    return next(r for r in recipes if r == recipe or stage_key(family, r, stage, evaluated) == key)
+    owner = next((r for r in recipes if r == recipe or stage_key(family, r, stage, evaluated) == key), None)
+    return owner or auto_recipe(stage, evaluated, key)
+
+
+def auto_recipe(stage, evaluated, key):
+    """The name of the generated recipe that holds a stage only searches make: a hash of what makes it."""
+    digest = hashlib.sha256(as_json([stage, evaluated, key]).encode()).hexdigest()
+    return f"{AUTO}{digest[:12]}"
 
 
 
