@@ -110,7 +110,7 @@ def validated(settings, schema):
     with schema_as_json(schema) as schema_file:
         validate(settings, schema_file)
     try:
-        filled = json.dumps(settings, sort_keys=True)
+        filled = json.dumps(settings)  # in the written order: a search names its candidates in its space's order
     except TypeError:  # a value JSON cannot hold (a YAML date): validate again next time
         return
     if json.loads(filled) == settings:  # JSON gives it back as it is (no key that is not a string)
