@@ -84,6 +84,19 @@ def copy_workflow(dest: Path) -> None:
         copy(REPO / item, dest / item)
 
 
+def build_prefix(template: Path, config: str, configs: list[str]) -> None:
+    """What every compared run reads and none should pay for: data, base models and their evaluations, and the
+    teacher-logit cache where `config` distils from one."""
+    prefix = ["models/base/teacher", "models/base/student",
+              *(f"evals/default/base/teacher/{alias}.json" for alias in ("teacher", "student"))]
+    snakemake(template, *prefix, configs=configs)
+    cache = yaml.safe_load((REPO / config).read_text()).get("distill", {}).get("logit_cache", {})
+    if cache.get("top_k"):
+        *_, log = snakemake(template, "-n", f"models/default/{PAIR}/distilled", configs=configs)
+        cache_dirs = re.findall(r"^    output: (cache/logits/\S+)$", log, re.M)
+        snakemake(template, *cache_dirs, configs=configs)
+
+
 def sweep(tmp: Path, config: str) -> dict:
     """Build the shared prefix once, then the sweep with and without sharing in copies of that directory."""
     template = tmp / "template"
@@ -91,14 +104,7 @@ def sweep(tmp: Path, config: str) -> dict:
     shutil.copy(REPO / config, template / "chain.yaml")
     configs = ["config/config.yaml", "chain.yaml", "sweep.yaml"]
     (template / "sweep.yaml").write_text(yaml.safe_dump({"recipes": sweep_recipes(inert=False)}))
-    prefix = ["models/base/teacher", "models/base/student",
-              *(f"evals/default/base/teacher/{alias}.json" for alias in ("teacher", "student"))]
-    snakemake(template, *prefix, configs=configs)
-    cache = yaml.safe_load((REPO / config).read_text()).get("distill", {}).get("logit_cache", {})
-    if cache.get("top_k"):  # the teacher's logits, too: both sweeps read the same cache
-        *_, log = snakemake(template, "-n", f"models/default/{PAIR}/distilled", configs=configs)
-        cache_dirs = re.findall(r"^    output: (cache/logits/\S+)$", log, re.M)
-        snakemake(template, *cache_dirs, configs=configs)
+    build_prefix(template, config, configs)
     runs = {}
     for name, inert in (("unshared", True), ("shared", False)):  # the slow one first: a warm page cache helps it
         workdir = tmp / name

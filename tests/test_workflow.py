@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_workflow, planned_jobs, run_snakemake
+import yaml
+from conftest import REPO, copy_workflow, planned_jobs, run_snakemake
 
 TARGET = "results/teacher_student_int8.eval"
 CHAIN = ["teacher", "student", "distilled", "pruned", "recovered", "quantized"]
@@ -274,3 +275,39 @@ def test_a_prefix_recovery_is_quantized_and_evaluated_through_peft(built, tmp_pa
     for stage in ("recovered", "quant/int8"):
         metrics = json.loads((built / f"evals/prefix/teacher_student/{stage}.json").read_text())["metrics"]
         assert metrics["adapter_applied"] is True, stage
+
+
+def test_a_search_builds_each_distinct_stage_once_and_marks_its_front(built, tmp_path):
+    """tests/config/search.yaml: 2 prune ratios x 2 LoRA ranks x 2 quantizations over the built default chain,
+    whose settings are the first point's. The dry run counts the distinct stages left to build; the build's JSON
+    marks the front and the pick that the candidates' own `.eval` files give; a rerun is a no-op, and a third
+    rank plans only its new candidates' new stages."""
+    config = str(REPO / "tests/config/search.yaml")
+    dry = snakemake(built, "-n", "search/tiny", extra_config=config)
+    assert "search tiny: 8 candidates (grid 2 x 2 x 2) read 1 distill, 2 prune, 4 recover, 8 quantize" in dry.stdout + dry.stderr
+    # new: the 0.5 prune, 3 recoveries, int8 of those 3 and bf16 of all 4, and their 11 evaluations
+    expected = {"prune": 1, "recover": 3, "quantize": 7, "evaluate": 11, "report_recipe": 8, "search": 1}
+    assert planned_jobs(dry) == expected
+    assert planned_jobs(snakemake(built, "search/tiny", extra_config=config)) == expected
+    result = json.loads((built / "results/search/tiny.json").read_text())
+    finals = {}
+    for candidate in result["candidates"]:
+        chain = json.loads((built / candidate["target"]).read_text())["chain"]
+        rows = {row["stage"]: row for row in chain}
+        final = rows["quantized"]
+        finals[candidate["target"]] = (final["perplexity"] / rows["teacher"]["perplexity"], final["size_bytes"] / 1e6)
+        assert candidate["metrics"]["ppl_vs_teacher"] == pytest.approx(finals[candidate["target"]][0])
+    front = [t for t, (ppl, mb) in finals.items()
+             if not any(p <= ppl and m <= mb and (p, m) != (ppl, mb) for p, m in finals.values())]
+    assert sorted(result["front"]) == sorted(front) and front
+    meeting = [t for t, (ppl, mb) in finals.items() if mb <= 0.5]
+    assert {c["target"] for c in result["candidates"] if c["meets_goals"]} == set(meeting)
+    assert result["pick"]["target"] == min(meeting, key=lambda t: finals[t][0]) if meeting else result["pick"] is None
+    assert "<svg" in (built / "reports/search/tiny.html").read_text()
+    assert planned_jobs(snakemake(built, "-n", "search/tiny", extra_config=config)) == {}
+    wider = tmp_path / "wider.yaml"
+    space = yaml.safe_load((REPO / "tests/config/search.yaml").read_text())
+    space["searches"]["tiny"]["space"]["recover.rank"].append(3)
+    wider.write_text(yaml.safe_dump(space))
+    assert planned_jobs(snakemake(built, "-n", "search/tiny", extra_config=str(wider))) == {
+        "recover": 2, "quantize": 4, "evaluate": 6, "report_recipe": 4, "search": 1}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, job_family, recipe_overrides
+from steps.workflow.families import FAMILIES, DEFAULT_RECIPE, GENERATED, job_family, recipe_overrides
 from steps.workflow.paths import logit_cache_dir
 
 # The same step on a teacher: a cluster config's prune GPU by default; the cache runs the teacher as distill does.
@@ -48,7 +48,8 @@ def cache_recipe(family, wildcards):
     """The first recipe (by name) whose distillation reads the teacher-logit cache of these wildcards: its
     resources build the cache (a cache has no recipe of its own: every recipe with its settings shares it)."""
     path = f"cache/logits/{wildcards.teacher}/{wildcards.dataset}/top{wildcards.k}-{wildcards.dtype}{wildcards.blocks}"
-    readers = [r for r in (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"])) if logit_cache_dir(family, r, wildcards.teacher) == path]
+    recipes = (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"]), *sorted(GENERATED.get(family, {})))  # searches' last
+    readers = [r for r in recipes if logit_cache_dir(family, r, wildcards.teacher) == path]
     return readers[0] if readers else DEFAULT_RECIPE
 
 

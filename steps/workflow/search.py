@@ -21,7 +21,7 @@ import itertools
 import random
 import re
 
-from steps.workflow.families import DEFAULT_RECIPE, FAMILIES, GENERATED, ALIAS_FAMILY, check_valid, deep_merge, describe, quant_method, recipe_overrides, section
+from steps.workflow.families import DEFAULT_RECIPE, FAMILIES, GENERATED, ALIAS_FAMILY, check_sets, check_valid, deep_merge, describe, quant_method, recipe_overrides, section
 from steps.workflow.paths import STAGE_OF, as_json, has_baseline, stage_key, stage_owner
 
 QUANT = "quant"  # the space's key for the quantize methods: the target's last field, not a recipe override
@@ -86,6 +86,7 @@ def expand(family, name, search, schema):
     check_valid(checked, {key: schema[key] for key in ("$schema", "$defs")} | {"additionalProperties": {"$ref": "#/$defs/recipe"}},
                 f"{where}: a candidate (a point of its space, as a recipe)")
     recipes.update(checked)
+    check_sets(family, {**FAMILIES[family], "recipes": checked})  # an `evaluate.sets` in the space names datasets
     for candidate in candidates:
         try:
             quant_method(family, candidate["recipe"], candidate["quant"])
