@@ -19,6 +19,10 @@ Planning (snakemake -n):
   `ValidationError: 'kl' is not one of ['forward_kl', ...]` + `On instance['distill']['loss']:`
 - a `path:` model that does not exist -> here: `ValueError: model alias 'x': its path /nonexistent/model is not a
   directory (fix its `path:`)`
+- a bad search: an unknown setting path -> here: `ValueError in file .../Snakefile` over `search 's' of the top level of the config: a candidate
+  (a point of its space, as a recipe) is not valid: Additional properties are not allowed ('rnk' was unexpected) (at
+  ['s-2']['recover'])`; a refused value, an empty list, no `quant:`, an unknown quant method, a goal no metric gives,
+  a pair of another family, an unknown base recipe -> test_search.py::test_bad_searches_fail_in_one_line_before_any_job
 - a malformed target (`results/teacher-student-int8.eval`, `results/a_b.eval`) -> here: `ValueError: results/a_b.eval
   is not a target: name it results/[{recipe}/]{teacher}_{student}_{quant}.eval (...)` (rule malformed_target)
 
@@ -97,8 +101,11 @@ GRAMMAR = "results/[{recipe}/]{teacher}_{student}_{quant}.eval"
      ["ValueError: model alias 'x': its path /nonexistent/model is not a directory (fix its `path:`)"]),
     ("", "results/teacher-student-int8.eval", [f"ValueError: results/teacher-student-int8.eval is not a target: name it {GRAMMAR} "]),
     ("", "results/a_b.eval", [f"ValueError: results/a_b.eval is not a target: name it {GRAMMAR} "]),
+    ("searches: {s: {pair: teacher_student, space: {recover.rnk: [2], quant: [int8]}}}\n", "search/s",
+     ["search 's' of the top level of the config: a candidate (a point of its space, as a recipe) is not "
+      "valid: Additional properties are not allowed ('rnk' was unexpected) (at ['s-2']['recover'])"]),
 ], ids=["misspelt-key", "wrong-type", "bad-enum", "missing-path-model", "malformed-target-dashes",
-        "malformed-target-two-fields"])
+        "malformed-target-two-fields", "search-unknown-setting"])
 @pytest.mark.workflow
 def test_bad_config_and_targets_fail_at_planning_time(stage_runs, workflow, tmp_path, override, target, lines):
     """(`stage_runs` only starts the stage runs below, so they go on while Snakemake plans.)"""
