@@ -49,25 +49,10 @@ def expand_all(schema):
 
 
 def expand(family, name, search, schema):
+    """A search's plan: its candidates registered as recipes, each checked as one, and its goals checked."""
     where = f"search {name!r} of {describe(family)}"
-    teacher, _, student = search["pair"].partition("_")
-    for alias in (teacher, student):
-        if ALIAS_FAMILY.get(alias) != family:
-            raise ValueError(f"{where}: its pair {search['pair']} names {alias!r}, no model alias of this family "
-                             f"(known: {', '.join(sorted(FAMILIES[family]['models']))})")
-    base = search.get("recipe", DEFAULT_RECIPE)
-    try:
-        base_overrides = recipe_overrides(family, base)
-    except ValueError as error:
-        raise ValueError(f"{where}: its recipe: {error}") from None
+    teacher, student, base_overrides = check_entry(where, family, search)
     space = search["space"]
-    if QUANT not in space:
-        raise ValueError(f"{where}: its space has no `{QUANT}:` (the quantize methods to try, e.g. {QUANT}: [gguf-q4km])")
-    for path, values in space.items():
-        if not values:
-            raise ValueError(f"{where}: the space's {path} has no values; give at least one (or drop the path)")
-        if len({as_json(v) for v in values}) < len(values):
-            raise ValueError(f"{where}: the space's {path} repeats a value; give each once")
     points = sample(where, search, list(itertools.product(*space.values())))
     paths = [path for path in space if path != QUANT]
     candidates, recipes = [], GENERATED.setdefault(family, {})
@@ -94,9 +79,30 @@ def expand(family, name, search, schema):
             raise ValueError(f"{where}: its space's {QUANT}: {error}") from None
     objective = search.get("objective", DEFAULT_OBJECTIVE)
     check_metrics(where, family, candidates, [*search.get("goals", {}), *objective.values()])
-    return {"name": name, "family": family, "teacher": teacher, "student": student, "base": base,
+    return {"name": name, "family": family, "teacher": teacher, "student": student, "base": search.get("recipe", DEFAULT_RECIPE),
             "strategy": search.get("strategy", "grid"), "space": space, "candidates": candidates,
             "goals": search.get("goals", {}), "objective": objective}
+
+
+def check_entry(where, family, search):
+    """The pair's aliases (of this family), the base recipe's overrides, and a space that has values to try."""
+    teacher, _, student = search["pair"].partition("_")
+    for alias in (teacher, student):
+        if ALIAS_FAMILY.get(alias) != family:
+            raise ValueError(f"{where}: its pair {search['pair']} names {alias!r}, no model alias of this family "
+                             f"(known: {', '.join(sorted(FAMILIES[family]['models']))})")
+    try:
+        base_overrides = recipe_overrides(family, search.get("recipe", DEFAULT_RECIPE))
+    except ValueError as error:
+        raise ValueError(f"{where}: its recipe: {error}") from None
+    if QUANT not in search["space"]:
+        raise ValueError(f"{where}: its space has no `{QUANT}:` (the quantize methods to try, e.g. {QUANT}: [gguf-q4km])")
+    for path, values in search["space"].items():
+        if not values:
+            raise ValueError(f"{where}: the space's {path} has no values; give at least one (or drop the path)")
+        if len({as_json(v) for v in values}) < len(values):
+            raise ValueError(f"{where}: the space's {path} repeats a value; give each once")
+    return teacher, student, base_overrides
 
 
 def sample(where, search, points):
