@@ -170,17 +170,19 @@ def plot_search(result: dict, objective: str, out: str | Path) -> None:
     candidates = result["candidates"]
     if not candidates:
         raise StageError(f"{out}: the search has no candidates to plot")
-    panels = [("size_MB", "size on disk (MB)", "on_front"), ("decode_tokens_per_s", "decode tokens/s", "on_speed_front")]
+    # the front's steps: lower size is better (the step after each point), higher speed is (the step before it)
+    panels = [("size_MB", "size on disk (MB)", "on_front", "steps-post"),
+              ("decode_tokens_per_s", "decode tokens/s", "on_speed_front", "steps-pre")]
     pick = (result.get("pick") or {}).get("target")
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
-        for ax, (x, label, flag) in zip(axes, panels):
+        for ax, (x, label, flag, steps) in zip(axes, panels):
             shown = [c for c in candidates if c["metrics"].get(x) is not None]
             xs, ys = [c["metrics"][x] for c in shown], [c["metrics"][objective] for c in shown]
             ax.scatter(xs, ys, color=["C2" if c["meets_goals"] else "0.6" for c in shown], s=28, zorder=2)
             on = sorted((c["metrics"][x], c["metrics"][objective]) for c in shown if c[flag])
             if on:
-                ax.plot(*zip(*on), drawstyle="steps-post", marker="o", markersize=8, color="C3", label="Pareto front", zorder=3)
+                ax.plot(*zip(*on), drawstyle=steps, marker="o", markersize=8, color="C3", label="Pareto front", zorder=3)
             for c, px, py in zip(shown, xs, ys):
                 ax.annotate(c["recipe"].removeprefix(f"{result['search']}-") + f" {c['quant']}", (px, py),
                             xytext=(5, 4), textcoords="offset points", fontsize=7)
