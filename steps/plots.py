@@ -188,10 +188,11 @@ def plot_search(result: dict, objective: str, out: str | Path) -> None:
                             xytext=(5, 4), textcoords="offset points", fontsize=7)
                 if c["target"] == pick:
                     ax.scatter([px], [py], s=180, facecolors="none", edgecolors="k", linewidths=1.5, label="pick", zorder=4)
-            for baseline in result.get("baselines", []):
-                if baseline["metrics"].get(x) is not None and baseline["metrics"].get(objective) is not None:
-                    ax.scatter([baseline["metrics"][x]], [baseline["metrics"][objective]], marker="s", color="k", zorder=3,
-                               label=f"teacher, {baseline['quant']} alone")
+            baselines = [b for b in result.get("baselines", []) if None not in (b["metrics"].get(x), b["metrics"].get(objective))]
+            for i, baseline in enumerate(baselines):
+                point = (baseline["metrics"][x], baseline["metrics"][objective])
+                ax.scatter(*point, marker="s", color="k", zorder=3, label="the teacher quantized alone" if i == 0 else None)
+                ax.annotate(baseline["quant"], point, xytext=(5, -10), textcoords="offset points", fontsize=7)
             for metric, line in ((x, ax.axvline), (objective, ax.axhline)):
                 for bound in result["goals"].get(metric, {}).values():
                     line(bound, color="C2", linestyle="--", linewidth=1)
