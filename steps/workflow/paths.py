@@ -129,7 +129,8 @@ def stage_key(family, recipe, stage, evaluated=False):
 @cleared_on_load
 @functools.cache
 def stage_owner(family, recipe, stage, evaluated=False):
-    """The recipe whose directory holds `recipe`'s `stage`: the first one with the same settings up to it."""
+    """The recipe whose directory holds `recipe`'s `stage`: the default or the first written one with the same
+    settings up to it, else (a search's candidate) the `auto-` recipe of those settings."""
     key = stage_key(family, recipe, stage, evaluated)
     recipes = (DEFAULT_RECIPE, *sorted(FAMILIES[family]["recipes"]))
     owner = next((r for r in recipes if r == recipe or stage_key(family, r, stage, evaluated) == key), None)
