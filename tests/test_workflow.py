@@ -25,9 +25,9 @@ BUILD = {}  # what the `built` fixture measured: its wall time
 pytestmark = [pytest.mark.slow, pytest.mark.workflow]  # every test here stands on the real chain built once
 
 
-def snakemake(workdir: Path, *args: str, extra_config: str = "", check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, extra_config: str = "", check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     configs = ["tests/config/tiny.yaml", *([extra_config] if extra_config else [])]
-    return run_snakemake(workdir, *args, configs=configs, cores=2, check=check)
+    return run_snakemake(workdir, *args, configs=configs, cores=2, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,8 @@ def test_a_search_builds_each_distinct_stage_once_and_marks_its_front(built, tmp
     # new: the 0.5 prune, 3 recoveries, int8 of those 3 and bf16 of all 4, and their 11 evaluations
     expected = {"prune": 1, "recover": 3, "quantize": 7, "evaluate": 11, "report_recipe": 8, "search": 1}
     assert planned_jobs(dry) == expected
-    assert planned_jobs(snakemake(built, "search/tiny", extra_config=config)) == expected
+    # 35 jobs: about 4.5 minutes alone on 2 cores (bench.search_cost), longer beside the other test worker
+    assert planned_jobs(snakemake(built, "search/tiny", extra_config=config, timeout=1500)) == expected
     result = json.loads((built / "results/search/tiny.json").read_text())
     finals = {}
     for candidate in result["candidates"]:
