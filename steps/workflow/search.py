@@ -22,11 +22,13 @@ import random
 import re
 
 from steps.workflow.families import DEFAULT_RECIPE, FAMILIES, GENERATED, ALIAS_FAMILY, check_sets, check_valid, deep_merge, describe, quant_method, recipe_overrides, section
-from steps.workflow.paths import STAGE_OF, as_json, has_baseline, stage_key, stage_owner
+from steps.defaults import constant
+from steps.workflow.paths import NAME, STAGE_OF, as_json, has_baseline, stage_key, stage_owner
 
 QUANT = "quant"  # the space's key for the quantize methods: the target's last field, not a recipe override
-# The final model's metrics a goal or objective may name: steps.compare's columns of every `.eval`
-METRICS = ("perplexity", "ppl_vs_teacher", "size_MB", "size_vs_teacher", "params", "tokens_per_s", "decode_tokens_per_s")
+# The final model's metrics a goal or objective may name: steps.compare's columns of every `.eval` (read from its
+# source: importing it would cost every dry run its imports), and the decode speed where speed is measured
+METRICS = tuple(c for c in constant("steps.compare", "BASE_COLUMNS") if c != "result")
 GENERATION = {"rouge_l": ("rouge_l",), "triples": ("exact_match", "f1")}
 DEFAULT_OBJECTIVE = {"minimize": "ppl_vs_teacher"}
 
@@ -135,7 +137,7 @@ def recipe_name(search, values):
     def word(value):
         if isinstance(value, bool):
             return str(value).lower()
-        if isinstance(value, (int, float, str)) and re.fullmatch(r"[A-Za-z0-9.-]+", str(value)):
+        if isinstance(value, (int, float, str)) and re.fullmatch(NAME, str(value)):
             return str(value)
         return "h" + hashlib.sha256(as_json(value).encode()).hexdigest()[:6]
 
@@ -145,7 +147,7 @@ def recipe_name(search, values):
 def metric_names(evaluate):
     """The metrics a `.eval` of these evaluate settings gives its final model (steps.compare's columns); a task's
     are `<task>/<metric>`, known only once it ran, so any name under the task is taken."""
-    names = list(METRICS) if evaluate.get("speed", {}).get("new_tokens", 1) else [m for m in METRICS if m != "decode_tokens_per_s"]
+    names = [*METRICS, *(["decode_tokens_per_s"] if evaluate.get("speed", {}).get("new_tokens", 1) else [])]
     names += [f"{s}/{m}" for s in evaluate.get("sets", []) for m in ("perplexity", "ppl_vs_teacher")]
     if evaluate.get("generation", {}).get("samples", 1):
         names += GENERATION[evaluate.get("generation", {}).get("metric", "rouge_l")]
